@@ -1,0 +1,1 @@
+"""Built-in passes (installed as graphopt.passes). Importing this package registers them."""

@@ -1,0 +1,185 @@
+"""capture(): any supported model source → DiTGraph, through torch.export (non-strict).
+
+Sources: an nn.Module (+ optional example kwargs), a `.pt2`/`.pt` archive written by
+`torch.export.save`, a diffusers model folder (config.json + safetensors), or a shipped model name
+such as `tiny-wan`. A model built on the meta device is captured without weights in memory.
+Nothing here unpickles code unless `trust_pickle=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.graph import DiTGraph
+
+
+def capture(source, example_inputs: dict | None = None, *, spec=None, trust_pickle: bool = False,
+            dynamic_batch: bool = False) -> DiTGraph:
+    """Capture `source` as a DiTGraph.
+
+    `spec` (families.InputSpec) picks the latent shape used to synthesize example inputs when
+    `example_inputs` is not given. `dynamic_batch` keeps the batch dimension symbolic.
+    """
+    if isinstance(source, torch.export.ExportedProgram):
+        return _from_exported(source, example_inputs, label="ExportedProgram")
+    if isinstance(source, (str, os.PathLike)):
+        model = load_model(source, trust_pickle=trust_pickle)
+        if isinstance(model, torch.export.ExportedProgram):
+            return _from_exported(model, example_inputs, label=str(source))
+        return _from_module(model, example_inputs, spec, dynamic_batch, label=str(source))
+    if isinstance(source, torch.nn.Module):
+        return _from_module(source, example_inputs, spec, dynamic_batch,
+                            label=type(source).__name__)
+    raise GraphoptError(f"cannot capture a {type(source).__name__}: pass an nn.Module, a "
+                        f"diffusers model folder, a .pt2 file or a shipped model name")
+
+
+def load_model(source, *, trust_pickle: bool = False):
+    """Resolve a path or shipped name to an nn.Module (diffusers) or an ExportedProgram."""
+    from graphopt.tiny import SHIPPED, load_tiny_teacher
+
+    name = str(source)
+    if name in SHIPPED:
+        return load_tiny_teacher(name)
+    path = Path(source)
+    if not path.exists():
+        raise GraphoptError(f"model '{name}' not found: give a diffusers model folder, a .pt2 "
+                            f"file from torch.export.save, or one of {sorted(SHIPPED)}")
+    if path.is_dir():
+        return _load_diffusers_folder(path, trust_pickle)
+    if path.suffix in (".pt2", ".pt"):
+        return _load_exported_archive(path, trust_pickle)
+    raise GraphoptError(f"'{name}' is neither a model folder nor a .pt2/.pt archive "
+                        f"(torch.export.save); convert it with torch.export first")
+
+
+def _load_diffusers_folder(path: Path, trust_pickle: bool):
+    import diffusers
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise GraphoptError(f"'{path}' has no config.json: point at a diffusers model folder "
+                            f"(the one holding config.json and *.safetensors)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise GraphoptError(f"'{cfg_file}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+    cls_name = config.get("_class_name")
+    cls = getattr(diffusers, cls_name, None) if cls_name else None
+    if cls is None:
+        raise GraphoptError(f"'{cfg_file}' names no diffusers model class (_class_name="
+                            f"{cls_name!r}); graphopt loads diffusers transformer folders")
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and not trust_pickle:
+        raise GraphoptError(f"'{path}' holds no *.safetensors weights; loading pickled .bin weights "
+                            f"can run code: convert them to safetensors, or pass --trust-pickle")
+    try:
+        return cls.from_pretrained(path, use_safetensors=has_safetensors or None)
+    except Exception as e:  # diffusers reports corrupt or mismatched weights in many ways
+        raise GraphoptError(f"cannot load weights from '{path}': {str(e).splitlines()[0]}. "
+                            f"Check that the files are complete and match config.json") from None
+
+
+def _pt2_needs_pickle(path: Path) -> list[str]:
+    """Entries of a torch.export archive that torch.export.load would unpickle."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise GraphoptError(f"'{path}' is not a torch.export archive (not a zip file); write it "
+                            f"with torch.export.save(torch.export.export(model, ...), path)") from None
+    risky = []
+    with zf:
+        names = zf.namelist()
+        if not any(n.endswith("models/model.json") or n.endswith("serialized_exported_program.json")
+                   for n in names):
+            raise GraphoptError(f"'{path}' is a zip file but not a torch.export archive; write it "
+                                f"with torch.export.save")
+        for n in names:
+            parts = n.split("/")
+            if len(parts) >= 3 and parts[-2] in ("weights", "constants") and n.endswith(".pt"):
+                risky.append(n)  # legacy archives pickle all weights into one file
+            if n.endswith("_config.json") and parts[-2] in ("weights", "constants"):
+                for fqn, meta in json.loads(zf.read(n)).get("config", {}).items():
+                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
+                            ("weight_", "tensor_")):
+                        risky.append(fqn)
+    return risky
+
+
+def _load_exported_archive(path: Path, trust_pickle: bool):
+    risky = _pt2_needs_pickle(path)
+    if risky and not trust_pickle:
+        raise GraphoptError(f"'{path}' stores {len(risky)} entries as pickles (e.g. {risky[0]}); "
+                            f"unpickling can run code. Re-save it with a current torch.export.save, "
+                            f"or pass --trust-pickle if you trust its author")
+    try:
+        return torch.export.load(path)
+    except Exception as e:
+        raise GraphoptError(f"cannot read torch.export archive '{path}': {str(e).splitlines()[0]}. "
+                            f"It may be corrupt or written by an incompatible torch version") from None
+
+
+def _from_module(model: torch.nn.Module, example_inputs, spec, dynamic_batch, label) -> DiTGraph:
+    from graphopt import families
+
+    family = families.family_for(model) if example_inputs is None else _try_family(model)
+    config = dict(getattr(model, "config", {}) or {})
+    if example_inputs is None:
+        spec = spec or family.default_spec
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        spec = spec.__class__(**{**spec.__dict__, "device": device, "dtype": dtype})
+        example_inputs = family.example_inputs(config, spec)
+    if family is not None:
+        family.prepare_for_export(model)
+    model.eval()
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None)
+                   for k, v in example_inputs.items()}
+    try:
+        ep = torch.export.export(model, (), example_inputs, strict=False, dynamic_shapes=dynamic)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(
+            f"torch.export could not capture {label}: {first}. Check that the example inputs "
+            f"match the model (shapes divisible by the patch size, text width = config's text "
+            f"dim); run with --debug for the full trace") from None
+    token_layout = family.token_layout(config, spec) if family is not None and spec else None
+    return _finish(ep.module(), example_inputs, family, config, spec, token_layout, label)
+
+
+def _try_family(model):
+    from graphopt import families
+    try:
+        return families.family_for(model)
+    except GraphoptError:
+        return None
+
+
+def _from_exported(ep, example_inputs, label) -> DiTGraph:
+    if example_inputs is None:
+        args, kwargs = ep.example_inputs or ((), {})
+        if args:
+            names = [s.arg.name for s in ep.graph_signature.input_specs
+                     if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        example_inputs = kwargs
+    if not example_inputs:
+        raise GraphoptError(f"{label} carries no example inputs; pass example_inputs to capture()")
+    return _finish(ep.module(), example_inputs, None, {}, None, None, label)
+
+
+def _finish(gm, example_inputs, family, config, spec, token_layout, label) -> DiTGraph:
+    graph = DiTGraph(gm, example_inputs, family=family, config=config, spec=spec,
+                     token_layout=token_layout, source=label)
+    if not graph.blocks:
+        raise GraphoptError(f"{label} has no transformer blocks with attention: graphopt works on "
+                            f"diffusion transformers (DiTs) whose blocks sit in a ModuleList")
+    return graph

@@ -1,0 +1,154 @@
+"""Cost model: FLOPs, parameters and parameter bytes per block, per attention, per head, per step.
+
+FLOPs count what `torch.utils.flop_counter.FlopCounterMode` counts — 2 × multiply-adds of
+matmul-class ops (linear, matmul/bmm, convolution, scaled-dot-product attention); elementwise ops
+count zero — so the two can be cross-checked exactly. Shapes come from the graph's fake-tensor
+metadata, so the model works on meta graphs (no weights). One "step" is one forward call with the
+graph's example inputs (one denoising step at that batch size).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from graphopt import headflow
+
+aten = torch.ops.aten
+
+
+def _numel(node) -> int:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.numel() if isinstance(val, torch.Tensor) else 0
+
+
+def _shape(node):
+    return tuple(node.meta["val"].shape)
+
+
+def node_flops(node: fx.Node) -> int:
+    t = node.target
+    if node.op != "call_function":
+        return 0
+    if t is aten.linear.default:
+        return 2 * _numel(node) * _shape(node.args[1])[1]
+    if t in (aten.mm.default, aten.bmm.default, aten.matmul.default):
+        return 2 * _numel(node) * _shape(node.args[0])[-1]
+    if t in (aten.addmm.default, aten.baddbmm.default):
+        return 2 * _numel(node) * _shape(node.args[1])[-1]
+    if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+             aten.convolution.default):
+        w = _shape(node.args[1])
+        return 2 * _numel(node) * math.prod(w[1:])
+    if t is aten.scaled_dot_product_attention.default:
+        q, k, v = (_shape(a) for a in node.args[:3])
+        batch_heads = math.prod(q[:-2])
+        return 2 * batch_heads * q[-2] * k[-2] * q[-1] + 2 * batch_heads * q[-2] * k[-2] * v[-1]
+    return 0
+
+
+@dataclass
+class AttentionCost:
+    flops: int
+    params: int
+    flops_per_head: int
+    params_per_head: int
+
+
+@dataclass
+class Cost:
+    flops: int = 0                       # per step
+    params: int = 0
+    param_bytes: int = 0
+    blocks: list[dict] = field(default_factory=list)     # index, name, flops, params, bytes
+    attentions: dict[str, AttentionCost] = field(default_factory=dict)
+    outside_blocks_flops: int = 0
+
+    def block_flops(self) -> list[int]:
+        return [b["flops"] for b in self.blocks]
+
+
+def model_cost(graph) -> Cost:
+    gm = graph.gm
+    params = dict(gm.named_parameters())
+    params.update(dict(gm.named_buffers()))
+    cost = Cost()
+    trainable = {k: v for k, v in gm.named_parameters()}
+    cost.params = sum(p.numel() for p in trainable.values())
+    cost.param_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    node_block = {}
+    for b in graph.blocks:
+        for name in b.nodes:
+            node_block[name] = b.index
+    per_block = [{"index": b.index, "name": b.name, "flops": 0, "params": 0, "bytes": 0}
+                 for b in graph.blocks]
+    seen_params: set[str] = set()
+    for n in gm.graph.nodes:
+        f = node_flops(n)
+        cost.flops += f
+        bi = node_block.get(n.name)
+        if bi is None:
+            cost.outside_blocks_flops += f
+            continue
+        per_block[bi]["flops"] += f
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target in trainable and a.target not in seen_params:
+                seen_params.add(a.target)
+                p = trainable[a.target]
+                per_block[bi]["params"] += p.numel()
+                per_block[bi]["bytes"] += p.numel() * p.element_size()
+    cost.blocks = per_block
+    for name, flow in graph.flows.items():
+        cost.attentions[name] = attention_cost(flow, trainable)
+    return cost
+
+
+def attention_cost(flow: headflow.HeadFlow, params: dict) -> AttentionCost:
+    """Cost of the head-structured part of one attention, and the share of one head.
+
+    Every term is linear in the number of heads, so removing k heads removes exactly
+    k × per-head cost: producer rows, consumer columns, head-spanning norm weights, and the
+    attention product itself.
+    """
+    H = flow.heads
+    flops = params_total = per_head_flops = per_head_params = 0
+    for lin, dim in flow.producers:
+        rows, in_f = _shape(lin.args[1])
+        rows_head = (rows - headflow.new_size(dim, 0)) // H
+        tokens = _numel(lin) // rows
+        f = 2 * tokens * in_f * rows
+        flops += f
+        per_head_flops += 2 * tokens * in_f * rows_head
+        has_bias = len(lin.args) > 2 and lin.args[2] is not None
+        params_total += rows * in_f + (rows if has_bias else 0)
+        per_head_params += rows_head * in_f + (rows_head if has_bias else 0)
+    for lin, dim in flow.consumers:
+        out_f, cols = _shape(lin.args[1])
+        cols_head = (cols - headflow.new_size(dim, 0)) // H
+        flops += 2 * _numel(lin) * cols
+        per_head_flops += 2 * _numel(lin) * cols_head
+        params_total += out_f * cols
+        per_head_params += out_f * cols_head
+    for norm, first in flow.norms:
+        for w in norm.args[2:4]:
+            if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params:
+                n = params[w.target].numel()
+                params_total += n
+                per_head_params += n // H
+    sdpa = node_flops(flow.sdpa)
+    flops += sdpa
+    per_head_flops += sdpa // H
+    return AttentionCost(flops, params_total, per_head_flops, per_head_params)
+
+
+def predicted_after_pruning(graph, removed: dict[str, int]) -> tuple[int, int]:
+    """(FLOPs, params) the cost model predicts after removing `removed[attention]` heads."""
+    cost = model_cost(graph)
+    flops, params = cost.flops, cost.params
+    for name, k in removed.items():
+        a = cost.attentions[name]
+        flops -= k * a.flops_per_head
+        params -= k * a.params_per_head
+    return flops, params

@@ -1,0 +1,148 @@
+"""Passes, their registry, and the pass manager.
+
+A pass is a small object: a `name`, validated `Options` (a dataclass whose `__post_init__` rejects
+bad values), the analyses it `requires`, and `run(graph) -> PassResult`. A transform pass splits
+`run` into `decide(graph) -> decisions` (JSON, recorded in the Recipe) and a deterministic
+`apply(graph, decisions)` (what replay calls). `ensures(before, after, inputs)` returns the
+relative error of the promise the pass makes (identity: 0; prune: equals masking; route with all
+gates on: equals the original), checked by the manager when verification is on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from graphopt.errors import GraphoptError
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+def register(cls: type["Pass"]) -> type["Pass"]:
+    """Class decorator: make a pass resolvable by name (built-ins and user passes alike)."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type["Pass"]:
+    import graphopt.passes  # noqa: F401  (registers the built-ins)
+
+    if name not in _REGISTRY:
+        raise GraphoptError(f"unknown pass '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    import graphopt.passes  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class PassResult:
+    name: str
+    decisions: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    verified_error: float | None = None
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = None
+    requires: ClassVar[tuple[str, ...]] = ()
+    tolerance: ClassVar[float] = 1e-5
+
+    def __init__(self, options=None, **kwargs):
+        opts_cls = self.Options
+        if options is not None and kwargs:
+            raise TypeError("give either an Options object or keyword options, not both")
+        if options is None:
+            known = {f.name for f in dataclasses.fields(opts_cls)} if opts_cls else set()
+            unknown = set(kwargs) - known
+            if unknown:
+                raise GraphoptError(f"pass '{self.name}' has no option(s) {sorted(unknown)}; "
+                                    f"its options are {sorted(known)}")
+            options = opts_cls(**kwargs) if opts_cls else None
+        self.options = options
+
+    def options_dict(self) -> dict:
+        return dataclasses.asdict(self.options) if self.options is not None else {}
+
+    # Transforms override decide/apply; analyses override run.
+    def decide(self, graph) -> dict:
+        return {}
+
+    def apply(self, graph, decisions: dict) -> None:
+        raise NotImplementedError(f"{self.name} is an analysis and cannot be replayed")
+
+    def summarize(self, graph, decisions) -> dict:
+        return {}
+
+    def run(self, graph) -> PassResult:
+        decisions = self.decide(graph)
+        stats_before = _size(graph)
+        self.apply(graph, decisions)
+        graph.recipe.add(self.name, self.options_dict(), decisions)
+        return PassResult(self.name, decisions, {**stats_before, **_size(graph, "after_"),
+                                                 **self.summarize(graph, decisions)})
+
+    def ensures(self, before, after, inputs: dict) -> float:
+        """Relative error between what the pass promises and what it produced."""
+        return rel_error(_first(after(**inputs)), _first(before(**inputs)))
+
+
+def _size(graph, prefix="before_") -> dict:
+    from graphopt.cost import model_cost
+
+    c = model_cost(graph)
+    return {prefix + "flops": c.flops, prefix + "params": c.params}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class PassManager:
+    """Runs passes in order, optionally verifying each pass's promise on a calibration batch."""
+
+    def __init__(self, passes: list[Pass], *, verify: bool = False, inputs: dict | None = None,
+                 progress=None):
+        self.passes = passes
+        self.verify = verify
+        self.inputs = inputs
+        self.progress = progress
+
+    def run(self, graph) -> list[PassResult]:
+        results = []
+        for p in self.passes:
+            for req in p.requires:
+                graph.analysis(req)
+            reference = graph.copy() if self.verify and not graph.is_meta else None
+            t0 = time.perf_counter()
+            result = p.run(graph)
+            result.seconds = time.perf_counter() - t0
+            if reference is not None:
+                inputs = self.inputs or graph.example_inputs
+                with torch.no_grad():
+                    err = p.ensures(reference, graph, inputs)
+                result.verified_error = err
+                if not err <= p.tolerance:
+                    raise GraphoptError(f"pass '{p.name}' broke its promise: relative error "
+                                        f"{err:.3g} > {p.tolerance:g}. This is a graphopt bug; "
+                                        f"please report it with the recipe")
+            results.append(result)
+            if self.progress is not None:
+                self.progress(result)
+        return results

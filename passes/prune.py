@@ -1,0 +1,244 @@
+"""prune: remove attention heads physically (PARE's width half).
+
+Guarantee: the pruned graph computes exactly what the original computes with the same heads
+masked (`mask_heads`): their contribution to every output projection zeroed, and any normalisation
+whose statistic spans heads (qk-norm "across heads") taken over the kept heads only. Pruning no
+head is the identity. Weights shrink (q/k/v rows, output-projection columns, head-spanning norm
+weights) and every reshape constant that carries the head count is rewritten, so FLOPs and
+parameters drop by exactly what `cost.attention_cost` says per head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from graphopt import headflow
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import Pass, register, rel_error
+
+aten = torch.ops.aten
+KINDS = ("self", "cross", "joint")
+
+
+@dataclass
+class PruneOptions:
+    ratio: float = 0.3                 # fraction of heads removed, over the selected attentions
+    per_layer: bool = False            # same ratio in every attention, else one global ranking
+    min_heads: int = 1                 # never leave an attention with fewer heads
+    kinds: tuple[str, ...] = ("self", "cross", "joint")   # which attentions may lose heads
+    criterion: str = "role-aware"      # "magnitude", "sensitivity" or "role-aware"
+    temporal_factor: float = 1.5       # role-aware: temporal heads' importance is multiplied by this
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise GraphoptError(f"prune ratio must be in [0, 1), got {self.ratio}")
+        if self.min_heads < 1:
+            raise GraphoptError(f"prune min_heads must be >= 1, got {self.min_heads}")
+        self.kinds = tuple(self.kinds)
+        bad = set(self.kinds) - set(KINDS)
+        if bad:
+            raise GraphoptError(f"prune kinds {sorted(bad)} unknown; choose from {KINDS}")
+        if self.criterion not in ("magnitude", "sensitivity", "role-aware"):
+            raise GraphoptError(f"prune criterion '{self.criterion}' unknown; choose magnitude, "
+                                f"sensitivity or role-aware")
+        if self.temporal_factor <= 0:
+            raise GraphoptError(f"temporal_factor must be > 0, got {self.temporal_factor}")
+
+
+@register
+class Prune(Pass):
+    name = "prune"
+    Options = PruneOptions
+
+    def decide(self, graph) -> dict:
+        from graphopt.passes.importance import head_importance
+
+        o = self.options
+        candidates = [a for a in graph.attentions.values()
+                      if a.prunable and a.kind in o.kinds and a.block is not None]
+        if not candidates:
+            raise GraphoptError("no prunable attention matches prune kinds "
+                                f"{list(o.kinds)}; see `graphopt inspect` for what was found")
+        scores = head_importance(graph, o.criterion, temporal_factor=o.temporal_factor,
+                                 attentions=[a.name for a in candidates])
+        return {"heads": select_heads(candidates, scores, o.ratio, o.min_heads, o.per_layer),
+                "original_heads": {a.name: a.heads for a in candidates}}
+
+    def apply(self, graph, decisions: dict) -> None:
+        for name, heads in decisions["original_heads"].items():
+            found = graph.attentions.get(name)
+            if found is None or found.heads != heads:
+                raise GraphoptError(
+                    f"recipe expects attention '{name}' with {heads} heads, the model has "
+                    f"{'none' if found is None else found.heads}: the recipe was made for another "
+                    f"architecture or config")
+        prune_heads(graph, {k: list(v) for k, v in decisions["heads"].items()})
+
+    def summarize(self, graph, decisions) -> dict:
+        return {"heads_removed": sum(decisions["original_heads"][n] - len(k)
+                                     for n, k in decisions["heads"].items())}
+
+    def ensures(self, before, after, inputs) -> float:
+        kept = after.recipe.steps[-1]["decisions"]["heads"]
+        reference = mask_heads(before, {n: _mask_from_kept(before.attentions[n].heads, k)
+                                        for n, k in kept.items()})
+        return rel_error(after.gm(**inputs)[0], reference(**inputs)[0])
+
+
+def select_heads(candidates, scores: dict[str, torch.Tensor], ratio: float, min_heads: int,
+                 per_layer: bool) -> dict[str, list[int]]:
+    """Kept head indices per attention: drop the lowest-scoring heads, ties broken by index."""
+    kept = {a.name: set(range(a.heads)) for a in candidates}
+    if per_layer:
+        for a in candidates:
+            n_remove = min(int(round(ratio * a.heads)), a.heads - min_heads)
+            order = sorted(range(a.heads), key=lambda h: (float(scores[a.name][h]), h))
+            kept[a.name] -= set(order[:n_remove])
+    else:
+        total = sum(a.heads for a in candidates)
+        n_remove = int(round(ratio * total))
+        ranked = sorted(((float(scores[a.name][h]), a.name, h) for a in candidates
+                         for h in range(a.heads)))
+        for _, name, h in ranked:
+            if n_remove == 0:
+                break
+            if len(kept[name]) > min_heads:
+                kept[name].discard(h)
+                n_remove -= 1
+    return {name: sorted(k) for name, k in kept.items()}
+
+
+def _mask_from_kept(heads: int, kept: list[int]) -> torch.Tensor:
+    m = torch.zeros(heads)
+    m[list(kept)] = 1.0
+    return m
+
+
+def prune_heads(graph, kept: dict[str, list[int]]) -> None:
+    """Physically keep only `kept[attention]` heads; rewrite weights and shape constants."""
+    for name, heads in kept.items():
+        if name not in graph.flows:
+            raise GraphoptError(f"attention '{name}' is not prunable in this graph "
+                                f"({graph.attentions[name].why_not if name in graph.attentions else 'not found'})")
+        flow = graph.flows[name]
+        heads = sorted(set(heads))
+        if not heads or heads[0] < 0 or heads[-1] >= flow.heads:
+            raise GraphoptError(f"attention '{name}' has {flow.heads} heads; cannot keep {heads}")
+        if len(heads) == flow.heads:
+            continue
+        _prune_one(graph, flow, heads)
+    graph.refresh()
+
+
+def _prune_one(graph, flow: headflow.HeadFlow, heads: list[int]):
+    k = len(heads)
+    for lin, dim in flow.producers:
+        idx = headflow.kept_indices(dim, heads)
+        _slice_param(graph, lin.args[1], 0, idx)
+        if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
+            _slice_param(graph, lin.args[2], 0, idx)
+    for lin, dim in flow.consumers:
+        _slice_param(graph, lin.args[1], 1, headflow.kept_indices(dim, heads))
+    for norm, first in flow.norms:
+        dims = flow.labels[norm.args[0]][first:]
+        if len(dims) != 1:
+            raise GraphoptError(f"norm '{norm.name}' normalises several head-carrying dims; "
+                                f"not supported by prune")
+        idx = headflow.kept_indices(dims[0], heads)
+        for w in norm.args[2:4]:
+            if isinstance(w, fx.Node):
+                _slice_param(graph, w, 0, idx)
+        norm.update_arg(1, [headflow.new_size(dims[0], k)])
+    for node, labels in flow.labels.items():
+        if not isinstance(labels, tuple):
+            continue
+        t = node.target
+        if t in headflow.RESHAPES or t is aten.expand.default:
+            node.update_arg(1, _rewrite_sizes(node.args[1], labels, k))
+        elif t is aten.unflatten.int:
+            dim = node.args[1] % len(node.args[0].meta["val"].shape)
+            node.update_arg(2, _rewrite_sizes(node.args[2], labels[dim:dim + len(node.args[2])], k))
+
+
+def _rewrite_sizes(sizes, labels, k):
+    out = []
+    for s, d in zip(sizes, labels):
+        if isinstance(s, int) and s != -1 and headflow.heads_of(d):
+            s = headflow.new_size(d, k)
+        out.append(s)
+    return list(out)
+
+
+def _slice_param(graph, get_attr: fx.Node, dim: int, idx: torch.Tensor):
+    if get_attr.op != "get_attr":
+        raise GraphoptError(f"weight '{get_attr.name}' is computed, not stored; cannot prune it")
+    value = graph.param(get_attr.target)
+    graph.set_param(get_attr.target, value.index_select(dim, idx.to(value.device)).contiguous())
+
+
+def mask_heads(graph, masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A copy of the graph's module where head h of attention a is scaled by masks[a][h].
+
+    The mask scales each head's input to the output projections, and head-spanning norms use a
+    mask-weighted statistic (mean of x² over the kept heads' channels). With a 0/1 mask this is
+    the reference that `prune` must equal; with a trainable all-ones mask its gradient is the
+    first-order (Taylor) head importance.
+    """
+    import copy
+
+    gm = copy.deepcopy(graph.gm)
+    names = {n.name: n for n in gm.graph.nodes}
+    for i, (attn, mask) in enumerate(masks.items()):
+        flow = graph.flows[attn]
+        buf = f"graphopt_head_mask_{i}"
+        gm.register_buffer(buf, mask.detach().clone().float())
+        for j, (lin, dim) in enumerate(flow.consumers):
+            lin = names[lin.name]
+            x = lin.args[0]
+            with gm.graph.inserting_before(lin):
+                vec = _mask_vector(gm, buf, f"{buf}_c{j}", dim)
+                lin.update_arg(0, gm.graph.call_function(aten.mul.Tensor, (x, vec)))
+        for j, (norm, first) in enumerate(flow.norms):
+            norm = names[norm.name]
+            dims = flow.labels[graph.node(norm.name).args[0]][first:]
+            if norm.target is not aten.rms_norm.default or len(dims) != 1:
+                raise GraphoptError(f"cannot mask heads through norm '{norm.name}' "
+                                    f"({norm.target}); only rms_norm over one dim is supported")
+            with gm.graph.inserting_before(norm):
+                vec = _mask_vector(gm, buf, f"{buf}_n{j}", dims[0])
+                new = _masked_rms_norm(gm.graph, norm, vec)
+            norm.replace_all_uses_with(new)
+            gm.graph.erase_node(norm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _mask_vector(gm, mask_buf: str, name: str, dim) -> fx.Node:
+    """mask (H,) → per-channel vector along a labelled dim: mask @ E + c (E, c constant)."""
+    heads = next(s for seg in dim for s, is_h in seg if is_h)
+    eye = torch.eye(heads)
+    const = headflow.head_mask_along(dim, torch.zeros(heads))   # 1 on channels of no head
+    expand = torch.stack([headflow.head_mask_along(dim, eye[h]) - const for h in range(heads)])
+    gm.register_buffer(name + "_E", expand)
+    gm.register_buffer(name + "_c", const)
+    g = gm.graph
+    m = g.get_attr(mask_buf)
+    e = g.get_attr(name + "_E")
+    c = g.get_attr(name + "_c")
+    return g.call_function(aten.add.Tensor, (g.call_function(aten.matmul.default, (m, e)), c))
+
+
+def _masked_rms_norm(g: fx.Graph, norm: fx.Node, vec: fx.Node) -> fx.Node:
+    x, _, weight = norm.args[:3]
+    eps = norm.args[3] if len(norm.args) > 3 else None
+    if eps is None:
+        eps = torch.finfo(norm.meta["val"].dtype).eps
+    sq = g.call_function(aten.mul.Tensor, (g.call_function(aten.mul.Tensor, (x, x)), vec))
+    total = g.call_function(aten.sum.dim_IntList, (sq, [-1], True))
+    mean = g.call_function(aten.div.Tensor, (total, g.call_function(aten.sum.default, (vec,))))
+    inv = g.call_function(aten.rsqrt.default, (g.call_function(aten.add.Tensor, (mean, eps)),))
+    y = g.call_function(aten.mul.Tensor, (x, inv))
+    return g.call_function(aten.mul.Tensor, (y, weight)) if weight is not None else y
