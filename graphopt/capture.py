@@ -39,36 +39,63 @@ def capture(source, example_inputs: dict | None = None, *, spec=None, trust_pick
                         f"diffusers model folder, a .pt2 file or a shipped model name")
 
 
-def load_model(source, *, trust_pickle: bool = False):
-    """Resolve a path or shipped name to an nn.Module (diffusers) or an ExportedProgram."""
-    from graphopt.tiny import SHIPPED, load_tiny_teacher
+TINY_PREFIX = "tiny:"   # tiny:<family> = that family's tiny config with seeded random weights
+
+
+def shipped_names() -> list[str]:
+    from graphopt.families import FAMILIES
+    from graphopt.tiny import TEACHERS
+
+    return sorted(TEACHERS) + [TINY_PREFIX + f for f in FAMILIES]
+
+
+def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
+    """Resolve a path or name to an nn.Module (diffusers) or an ExportedProgram.
+
+    With `meta=True` only the architecture is built (from config.json), on the meta device.
+    """
+    from graphopt import families
+    from graphopt.tiny import TEACHERS, load_tiny_teacher
 
     name = str(source)
-    if name in SHIPPED:
-        return load_tiny_teacher(name)
+    if name in TEACHERS:
+        model = load_tiny_teacher(name)[0]
+        return families.build_model(model.config, dict(model.config), "meta") if meta else model
+    if name.startswith(TINY_PREFIX):
+        return families.build_model(name[len(TINY_PREFIX):], device="meta" if meta else "cpu")
     path = Path(source)
     if not path.exists():
         raise GraphoptError(f"model '{name}' not found: give a diffusers model folder, a .pt2 "
-                            f"file from torch.export.save, or one of {sorted(SHIPPED)}")
+                            f"file from torch.export.save, or one of {shipped_names()}")
+    if path.is_dir() and meta:
+        config = _read_config(path)
+        return families.build_model(config, config, "meta")
     if path.is_dir():
         return _load_diffusers_folder(path, trust_pickle)
     if path.suffix in (".pt2", ".pt"):
+        if meta:
+            raise GraphoptError(f"--meta needs a model folder (config.json), not '{name}'")
         return _load_exported_archive(path, trust_pickle)
     raise GraphoptError(f"'{name}' is neither a model folder nor a .pt2/.pt archive "
                         f"(torch.export.save); convert it with torch.export first")
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise GraphoptError(f"'{path}' has no config.json: point at a diffusers model folder "
+                            f"(the one holding config.json and *.safetensors)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise GraphoptError(f"'{cfg_file}' is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _load_diffusers_folder(path: Path, trust_pickle: bool):
     import diffusers
 
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise GraphoptError(f"'{path}' has no config.json: point at a diffusers model folder "
-                            f"(the one holding config.json and *.safetensors)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise GraphoptError(f"'{cfg_file}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+    config = _read_config(path)
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, cls_name, None) if cls_name else None
     if cls is None:
@@ -136,7 +163,7 @@ def _from_module(model: torch.nn.Module, example_inputs, spec, dynamic_batch, la
         spec = spec.__class__(**{**spec.__dict__, "device": device, "dtype": dtype})
         example_inputs = family.example_inputs(config, spec)
     if family is not None:
-        family.prepare_for_export(model)
+        model = family.prepare_for_export(model, spec or family.default_spec)
     model.eval()
     dynamic = None
     if dynamic_batch:

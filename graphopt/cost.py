@@ -19,13 +19,27 @@ from graphopt import headflow
 aten = torch.ops.aten
 
 
-def _numel(node) -> int:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.numel() if isinstance(val, torch.Tensor) else 0
+def concrete(size) -> int:
+    """An int for a possibly symbolic size: its hint, else (data-dependent) its upper bound."""
+    if isinstance(size, int):
+        return size
+    node = size.node
+    hint = node.shape_env.size_hint(node.expr, allow_none=True)
+    if hint is not None:
+        return int(hint)
+    upper = node.shape_env.bound_sympy(node.expr).upper
+    if not upper.is_finite:
+        raise ValueError(f"size {size} has no hint and no finite bound")
+    return int(upper)
 
 
 def _shape(node):
-    return tuple(node.meta["val"].shape)
+    return tuple(concrete(s) for s in node.meta["val"].shape)
+
+
+def _numel(node) -> int:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return math.prod(_shape(node)) if isinstance(val, torch.Tensor) else 0
 
 
 def node_flops(node: fx.Node) -> int:

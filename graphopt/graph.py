@@ -104,7 +104,8 @@ class DiTGraph:
         self.source = source
         from graphopt.recipe import Recipe
         self.recipe = Recipe.new(self)
-        self.analyses: dict[str, object] = {}
+        self.analyses: dict[tuple, object] = {}
+        self.reports: dict[str, object] = {}   # analysis results kept for reports across changes
         self.refresh(propagate=False)
 
     # ---- running -----------------------------------------------------------------------------
@@ -119,12 +120,14 @@ class DiTGraph:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
 
     def flat_inputs(self, inputs: dict) -> list:
-        """Inputs in placeholder order (placeholders are named after the forward's kwargs)."""
-        missing = [p.name for p in self.placeholders() if p.name not in inputs]
+        """Inputs in placeholder order, flattened the way the captured forward flattens them."""
+        from torch.fx._pytree import tree_flatten_spec
+
+        missing = sorted(set(self.example_inputs) - set(inputs))
         if missing:
             raise GraphoptError(f"missing model inputs {missing}; the model was captured with "
                                 f"{sorted(self.example_inputs)}")
-        return [inputs[p.name] for p in self.placeholders()]
+        return tree_flatten_spec(((), inputs), self.gm._in_spec)
 
     # ---- keeping structure in sync with the graph --------------------------------------------
     def refresh(self, propagate: bool = True):
@@ -137,7 +140,9 @@ class DiTGraph:
         self._discover()
 
     def _propagate_shapes(self):
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
         flat = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
                 for v in self.flat_inputs(self.example_inputs)]
         with mode:
@@ -172,6 +177,7 @@ class DiTGraph:
         self.timestep_embedding = self._find_timestep_embedding(order)
 
     def _make_block(self, index, name, members, order) -> Block:
+        members = _hoist_side_roots(members)
         inside = set(members)
         inputs, outputs = [], []
         for n in members:
@@ -181,6 +187,19 @@ class DiTGraph:
             if any(u not in inside for u in n.users):
                 outputs.append(n)
         tensor_inputs = [a for a in inputs if _shape(a) is not None]
+        unpaired = [o for o in outputs if not any(_shape(a) == _shape(o) for a in tensor_inputs)]
+        if unpaired:
+            # Outputs with no same-shape input are side values the block computes for later
+            # blocks too (e.g. an attention mask prepared once): hoist their stream-free ancestry.
+            streamy = _descendants_within({a for a in tensor_inputs
+                                           if any(_shape(a) == _shape(o) for o in outputs)}, inside)
+            hoist = set()
+            for o in unpaired:
+                anc = _ancestors_within(o, inside)
+                if not anc & streamy:
+                    hoist |= anc
+            if hoist:
+                return self._make_block(index, name, [n for n in members if n not in hoist], order)
         stream_in = []
         for o in outputs:
             candidates = [a for a in tensor_inputs if _shape(a) == _shape(o) and a not in stream_in]
@@ -254,7 +273,8 @@ class DiTGraph:
             if n in from_t and n not in from_x and sh is not None and len(sh) == 2 \
                     and n.meta["val"].is_floating_point():
                 best = n
-        return best.name if best is not None else None
+        # Some families (DiT) embed the timestep inside each block: route on the raw timestep.
+        return best.name if best is not None else t_name
 
     def analysis(self, name: str, **options):
         """The cached result of analysis pass `name` (run once per graph version and options)."""
@@ -262,7 +282,7 @@ class DiTGraph:
 
         key = (name, tuple(sorted(options.items())))
         if key not in self.analyses:
-            self.analyses[key] = get_pass(name)(**options).run(self)
+            self.analyses[key] = self.reports[name] = get_pass(name)(**options).run(self)
         return self.analyses[key]
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -293,6 +313,7 @@ class DiTGraph:
         new.gm = copy.deepcopy(self.gm)
         new.recipe = self.recipe.copy()
         new.analyses = {}
+        new.reports = dict(self.reports)
         new.refresh(propagate=False)
         return new
 
@@ -303,6 +324,45 @@ def _is_param(gm, path):
         return True
     except AttributeError:
         return False
+
+
+def _hoist_side_roots(members: list[fx.Node]) -> list[fx.Node]:
+    """Drop from a block the nodes that read only outside values and are also used outside.
+
+    torch.export reuses such nodes across blocks (e.g. a no-op `temb.float()` first met in block
+    0 serves every later block); they are shared side computations, not the block's own work.
+    """
+    inside = set(members)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(inside):
+            ins = [a for a in n.all_input_nodes if a.op != "get_attr"]
+            if all(a not in inside for a in ins) and any(u not in inside for u in n.users):
+                inside.discard(n)
+                changed = True
+    return [n for n in members if n in inside]
+
+
+def _ancestors_within(node: fx.Node, inside: set) -> set:
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in inside and n not in out:
+            out.add(n)
+            todo.extend(n.all_input_nodes)
+    return out
+
+
+def _descendants_within(roots, inside: set) -> set:
+    out, todo = set(), list(roots)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in inside and u not in out:
+                out.add(u)
+                todo.append(u)
+    return out
 
 
 def _distance(src: fx.Node, dst: fx.Node, inside: set) -> int:

@@ -112,6 +112,9 @@ class HeadFlow:
     producers: list[tuple[fx.Node, Dim]] = field(default_factory=list)   # linear, label of its out dim
     consumers: list[tuple[fx.Node, Dim]] = field(default_factory=list)   # linear, label of its in dim
     norms: list[tuple[fx.Node, int]] = field(default_factory=list)       # norm node, first normalised dim
+    # Unlabelled full-size operands of ops on labelled tensors (e.g. a rotary table of width
+    # heads*head_dim computed outside the attention): (node, operand, its dim, label).
+    sliced_operands: list[tuple[fx.Node, fx.Node, int, Dim]] = field(default_factory=list)
     labels: dict[fx.Node, Labels | list[Labels]] = field(default_factory=dict)
 
 
@@ -130,6 +133,19 @@ def _module_path(node: fx.Node) -> str:
 def _in_module(node: fx.Node, path: str) -> bool:
     stack = node.meta.get("nn_module_stack") or {}
     return any(p == path for p, _ in stack.values())
+
+
+def canonical(seg: Segment) -> Segment:
+    """Merge adjacent non-head factors: (H)(4)(2) and (H)(8) are the same layout."""
+    out: list[Factor] = []
+    for size, is_h in seg:
+        if size == 1 and not is_h:
+            continue
+        if out and not is_h and not out[-1][1]:
+            out[-1] = (out[-1][0] * size, False)
+        else:
+            out.append((size, is_h))
+    return tuple(out)
 
 
 def _unlabelled(ndim: int) -> Labels:
@@ -172,7 +188,7 @@ def _regroup(in_dims: Labels, in_shape, out_shape, node, attention) -> Labels:
                 remaining = 1
             else:
                 _fail(node, attention, "the head axis would be split or merged irregularly")
-        out.append((tuple(seg),) if any(h for _, h in seg) else None)
+        out.append((canonical(tuple(seg)),) if any(h for _, h in seg) else None)
     return tuple(out)
 
 
@@ -266,6 +282,17 @@ def _broadcast_inputs(n: fx.Node, inputs, labels, flow, ndim) -> Labels:
             if out[j] is not None and out[j] != d:
                 _fail(n, flow.attention, "inputs carry different head layouts")
             out[j] = d
+    # Operands without labels that span a labelled dim at full size must shrink with the heads.
+    for a in inputs:
+        if isinstance(labels.get(a), tuple) or _shape(a) is None:
+            continue
+        offset = ndim - len(_shape(a))
+        for i, size in enumerate(_shape(a)):
+            d = out[i + offset]
+            if d is not None and size > 1:
+                if size != dim_size(d):
+                    _fail(n, flow.attention, "an operand broadcasts against the head axis")
+                flow.sliced_operands.append((n, a, i, d))
     return tuple(out)
 
 
@@ -288,6 +315,9 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
         for lab in (ql, kl, vl):
             if lab is None or lab[1] != (((flow.heads, True),),):
                 _fail(n, flow.attention, "q, k and v must all carry the heads at dim 1")
+        mask = a[3] if len(a) > 3 else n.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and len(_shape(mask)) == 4 and _shape(mask)[1] == flow.heads:
+            flow.sliced_operands.append((n, mask, 1, ql[1]))   # a mask repeated per head
         return (None, ql[1], None, None)
     if t in NORMS:
         normalized = a[1]
@@ -349,6 +379,17 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
             _fail(n, flow.attention, "splitting the head axis unevenly")
         rest = seg[1:]
         return [xl[:dim] + ((rest,),) + xl[dim + 1:]] * n_out
+    if t is aten.index.Tensor:
+        # x[..., idx, ...] with one 1-D index tensor on a dim that does not carry heads.
+        idx = [i for i, v in enumerate(a[1]) if v is not None]
+        if len(idx) != 1 or heads_of(xl[idx[0]]) or len(_shape(a[1][idx[0]])) != 1:
+            _fail(n, flow.attention, "advanced indexing across the head axis")
+        return xl[:idx[0]] + (None,) + xl[idx[0] + 1:]
+    if t is aten.pad.default:
+        padded = len(a[1]) // 2
+        if any(heads_of(d) for d in xl[len(xl) - padded:]):
+            _fail(n, flow.attention, "padding the head axis")
+        return xl
     if t is aten.cat.default:
         tensors, dim = a[0], (a[1] if len(a) > 1 else 0)
         dim %= len(shape)

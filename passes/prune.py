@@ -151,6 +151,13 @@ def _prune_one(graph, flow: headflow.HeadFlow, heads: list[int]):
             if isinstance(w, fx.Node):
                 _slice_param(graph, w, 0, idx)
         norm.update_arg(1, [headflow.new_size(dims[0], k)])
+    for j, (user, operand, dim, label) in enumerate(flow.sliced_operands):
+        buf = f"graphopt_kept_{flow.attention.replace('.', '_')}_{j}"
+        graph.gm.register_buffer(buf, headflow.kept_indices(label, heads))
+        with graph.gm.graph.inserting_before(user):
+            idx = graph.gm.graph.get_attr(buf)
+            picked = graph.gm.graph.call_function(aten.index_select.default, (operand, dim, idx))
+        user.replace_input_with(operand, picked)
     for node, labels in flow.labels.items():
         if not isinstance(labels, tuple):
             continue

@@ -1,0 +1,58 @@
+"""compress(): run named passes on a graph, then write model, recipe and report to a folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from graphopt.cost import model_cost
+from graphopt.describe import human
+from graphopt.pass_manager import PassManager, get_pass
+
+
+def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, verify=False,
+             console=None):
+    """Run `passes` (names) with `options[name]` on `graph` in place; save to `out` if given."""
+    unknown = set(options) - set(passes)
+    if unknown:
+        from graphopt.errors import GraphoptError
+        raise GraphoptError(f"options given for pass(es) {sorted(unknown)} that are not in "
+                            f"--passes {','.join(passes)}")
+    instances = [get_pass(name)(**options.get(name, {})) for name in passes]
+    before = model_cost(graph)
+
+    def progress(result):
+        if console is not None:
+            extra = ", ".join(f"{k}={v}" for k, v in result.summary.items()
+                              if not k.startswith(("before_", "after_")))
+            check = "" if result.verified_error is None else \
+                f", verified (rel. error {result.verified_error:.2g})"
+            console.print(f"[green]✓[/] {result.name} in {result.seconds:.2f}s {extra}{check}")
+
+    results = PassManager(instances, verify=verify, progress=progress).run(graph)
+    after = model_cost(graph)
+    report = {
+        "passes": [{"name": r.name, "seconds": r.seconds, "summary": r.summary,
+                    "verified_error": r.verified_error} for r in results],
+        "before": {"flops_per_step": before.flops, "params": before.params},
+        "after": {"flops_per_step": after.flops, "params": after.params},
+    }
+    if console is not None:
+        console.print(f"FLOPs/step {human(before.flops)} → {human(after.flops)} "
+                      f"({after.flops / before.flops:.3f}x), params {human(before.params)} → "
+                      f"{human(after.params)} ({after.params / before.params:.3f}x)")
+    if out is not None:
+        from graphopt.serialize import save
+
+        out = save(graph, out, extra_files={"report.json": json.dumps(report, indent=2, default=str)})
+        _write_plots(graph, Path(out))
+        if console is not None:
+            console.print(f"wrote {out}/ (model.safetensors, recipe.json, report.json)")
+    return report
+
+
+def _write_plots(graph, out: Path):
+    """Analyses that know how to draw themselves (head roles, block importance) add a PNG."""
+    for name, result in graph.reports.items():
+        plot = getattr(result, "plot", None)
+        if callable(plot):
+            plot(out / f"{name}.png")

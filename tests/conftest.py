@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from graphopt import capture
+from graphopt.families import FAMILIES, build_model
+
+PRUNE_FAMILIES = ["wan", "hunyuan-video", "ltx-video", "latte"]
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs():
+    """Captured tiny models, one per family, built once per test session (copy before editing)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = capture(build_model(family))
+        return cache[family]
+
+    return get
+
+
+def random_inputs(graph, seed=1):
+    """Fresh random example inputs of the graph's shapes (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in graph.example_inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k != graph.family.timestep_input:
+            out[k] = torch.randn(v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = v
+    return out
