@@ -27,11 +27,13 @@ class Recipe:
     @classmethod
     def new(cls, graph) -> "Recipe":
         spec = graph.spec
+        class_name = graph.config.get("_class_name") or (
+            graph.family.class_names[0] if graph.family is not None else None)
+        config = {"_class_name": class_name, **graph.config} if graph.config else {}
         return cls(model={
-            "class_name": graph.config.get("_class_name") or (
-                graph.family.class_names[0] if graph.family is not None else None),
+            "class_name": class_name,
             "family": graph.family.name if graph.family is not None else None,
-            "config": _jsonable(graph.config),
+            "config": _jsonable(config),
             "input_spec": None if spec is None else {
                 "batch": spec.batch, "frames": spec.frames, "height": spec.height,
                 "width": spec.width, "text_len": spec.text_len, "dtype": str(spec.dtype)},

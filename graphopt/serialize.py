@@ -6,6 +6,7 @@ weights. The folder is assembled next to its destination and renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ def save(graph, out, extra_files: dict[str, str] | None = None) -> Path:
     try:
         graph.recipe.save(tmp / RECIPE)
         save_safetensors(state_dict(graph), tmp / WEIGHTS, metadata={"format": "pt"})
-        atomic_write_text(tmp / CONFIG, json.dumps(graph.config, indent=2, default=str))
+        atomic_write_text(tmp / CONFIG, json.dumps(graph.recipe.model["config"], indent=2))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
         if out.exists():
@@ -64,8 +65,15 @@ def load(folder, *, device: str = "cpu"):
             raise GraphoptError(f"'{folder}' has no {name}: point at a folder written by "
                                 f"`graphopt compress` or graphopt.save")
     recipe = Recipe.load(folder / RECIPE)
-    model = families.build_from_recipe(recipe.model, device="meta")
-    graph = capture(model, spec=families.spec_from_recipe(recipe.model, device="meta"))
+    config, spec = recipe.model.get("config"), recipe.model.get("input_spec")
+    if not config or not spec:
+        raise GraphoptError(f"recipe in '{folder}' records no model config/input shape: it was "
+                            f"made from a .pt2 archive; replay it on a capture yourself")
+    spec = families.InputSpec(**{**spec, "dtype": getattr(torch, spec["dtype"].split(".")[-1])})
+    # Uninitialised storage on the target device: every tensor is overwritten from the file, and
+    # a meta capture would bake the meta device into the graph.
+    model = families.build_model(config, config, device="meta").to_empty(device=device)
+    graph = capture(model, spec=dataclasses.replace(spec, device=device))
     recipe.replay(graph)
     weights = load_file(str(folder / WEIGHTS), device=device)
     expected = state_dict(graph)
@@ -78,14 +86,6 @@ def load(folder, *, device: str = "cpu"):
             raise GraphoptError(f"weight '{name}' has shape {tuple(value.shape)}, the recipe "
                                 f"gives {tuple(expected[name].shape)}: files from different runs?")
         graph.set_param(name, value)
-    graph.example_inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and v.is_meta is False
-                                else _materialize(v, device)) for k, v in graph.example_inputs.items()}
+    graph.example_inputs = graph.family.example_inputs(config, dataclasses.replace(spec, device=device))
     graph.refresh()
     return graph
-
-
-def _materialize(v, device):
-    if isinstance(v, torch.Tensor) and v.is_meta:
-        return torch.randn(v.shape, dtype=v.dtype, device=device) if v.is_floating_point() \
-            else torch.zeros(v.shape, dtype=v.dtype, device=device)
-    return v

@@ -1,0 +1,26 @@
+# The README's two quick-start commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+
+.PHONY: setup demo test test-all
+
+$(BIN)/graphopt: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[onnx,test]"
+	touch $@
+
+setup: $(BIN)/graphopt
+
+demo: setup
+	$(BIN)/graphopt inspect tiny:wan
+	$(BIN)/graphopt inspect tiny:hunyuan-video
+	$(BIN)/python tools/bench_meta_capture.py
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-all: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m ""

@@ -1,0 +1,561 @@
+"""The segmented ONNX layout's contract: one JSON manifest tying prologue, blocks and epilogue together.
+
+A compressed DiT is cut into segments that a host-side orchestrator (`graphopt.exporters.runtime`)
+chains once per denoising step:
+
+    prologue.onnx   model inputs -> stream tensor(s), side tensors, and `gates` (routed models only)
+    block_XX.onnx   stream tensors + side tensors it reads -> the stream's next value
+    epilogue.onnx   stream + side tensors -> model outputs
+
+Names are the contract. Model inputs carry the diffusers forward argument names (`hidden_states`,
+`timestep`, `encoder_hidden_states`, ...) so the orchestrator can stand in for `pipe.transformer`.
+A block reads stream tensor `S` under the name `S` and writes its new value under `S + "_next"`
+(ONNX is single-assignment: a graph cannot output a new value under one of its input names).
+Every other block/epilogue input is a model input or a prologue output (a "side tensor": timestep
+projections, rotary tables, projected text states...). `gates` is a bool tensor [batch, n_routed];
+a block with `gate: k` runs for a sample iff gates[sample, k]; a block with `gate: null` always runs.
+
+The manifest file (all keys required unless marked optional):
+
+    {
+      "format": "graphopt-segmented", "version": 1,
+      "batch_dim": "batch",                        # symbolic name of the batch axis (axis 0 of stream/gates)
+      "dims": {"batch": {"min": 1, "opt": 2, "max": 4}},   # optional: TensorRT profile range per symbolic dim
+      "config": {...},                             # optional: the source transformer's config (model.config)
+      "inputs":  [{"name": "hidden_states", "dtype": "float32", "shape": ["batch", 16, 21, 60, 104]}, ...],
+      "outputs": [{"name": "sample", "dtype": "float32", "shape": [...]}],   # outputs[0] is what the call returns first
+      "stream": ["x"],                             # residual-stream tensor names (prologue outputs)
+      "gates": "gates",                            # prologue output name, or null when the model is not routed
+      "segments": [
+        {"kind": "prologue", "file": "prologue.onnx", "inputs": [...], "outputs": [...]},
+        {"kind": "block", "file": "block_00.onnx", "block": 0, "gate": null, "inputs": [...], "outputs": [...]},
+        {"kind": "block", "file": "block_01.onnx", "block": 1, "gate": 0, "inputs": [...], "outputs": [...]},
+        {"kind": "epilogue", "file": "epilogue.onnx", "inputs": [...], "outputs": [...]}
+      ]
+    }
+
+A shape lists ints (fixed) and names (symbolic, e.g. "batch"); dtypes use numpy-style names
+("float32", "float16", "bfloat16", "int64", "int32", "bool", ...). `file` is relative to the
+manifest's folder. `block` is the block's index in the compressed model (strictly increasing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from graphopt.errors import GraphoptError
+
+FORMAT = "graphopt-segmented"
+VERSION = 1
+NEXT_SUFFIX = "_next"
+KINDS = ("prologue", "block", "epilogue")
+# A whole single-file graph (e.g. the If layout) wrapped as one runnable spec; never inside a manifest.
+MODEL_KIND = "model"
+
+# dtype name -> ONNX TensorProto element type (the numbers are fixed by the ONNX standard).
+ONNX_ELEM_TYPES = {
+    "float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7, "string": 8,
+    "bool": 9, "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "complex64": 14,
+    "complex128": 15, "bfloat16": 16,
+}
+DTYPE_OF_ELEM = {v: k for k, v in ONNX_ELEM_TYPES.items()}
+_TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+_DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+Dim = int | str
+
+
+def next_name(stream_name: str) -> str:
+    """The block output name that carries stream tensor `stream_name`'s new value."""
+    return stream_name + NEXT_SUFFIX
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor crossing a segment boundary: dtype and (partly symbolic) shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise GraphoptError(f"tensor name must be a non-empty string, got {self.name!r}")
+        if self.dtype not in _TENSOR_DTYPES:
+            raise GraphoptError(
+                f"tensor '{self.name}': dtype {self.dtype!r} is not one of {', '.join(_TENSOR_DTYPES)}"
+            )
+        object.__setattr__(self, "shape", tuple(self.shape))
+        for dim in self.shape:
+            if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+                raise GraphoptError(f"tensor '{self.name}': dim {dim!r} must be an int or a name")
+            if isinstance(dim, int) and dim < 0:
+                raise GraphoptError(f"tensor '{self.name}': fixed dim {dim} is negative; use a name for a dynamic dim")
+            if isinstance(dim, str) and not _DIM_NAME.match(dim):
+                raise GraphoptError(
+                    f"tensor '{self.name}': symbolic dim {dim!r} must be an identifier such as 'batch' "
+                    "(a derived expression cannot get its own TensorRT profile range)"
+                )
+
+    @property
+    def symbolic_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.shape if isinstance(d, str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        _require_keys(data, ("name", "dtype", "shape"), "tensor")
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+    def describe(self) -> str:
+        return f"{self.dtype} {list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """TensorRT optimization-profile range of one symbolic dim: min <= opt <= max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.opt, self.max)):
+            raise GraphoptError(f"dim range needs ints, got min={self.min!r} opt={self.opt!r} max={self.max!r}")
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise GraphoptError(
+                f"dim range must satisfy 1 <= min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}"
+            )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One ONNX file of the layout. `gate` is the column in `gates` for a routed block, None otherwise."""
+
+    kind: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    block: int | None = None
+    gate: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        where = f"segment {self.file!r}"
+        if self.kind not in KINDS + (MODEL_KIND,):
+            raise GraphoptError(f"{where}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "block":
+            if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0:
+                raise GraphoptError(f"{where}: a block segment needs a block index >= 0, got {self.block!r}")
+        elif self.block is not None or self.gate is not None:
+            raise GraphoptError(f"{where}: only block segments carry 'block' and 'gate'")
+        if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int) or self.gate < 0):
+            raise GraphoptError(f"{where}: gate column must be an int >= 0 or null, got {self.gate!r}")
+        names = [t.name for t in self.inputs + self.outputs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise GraphoptError(f"{where}: tensor names used twice among its inputs/outputs: {duplicates}")
+
+    @property
+    def routed(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def label(self) -> str:
+        return Path(self.file).stem
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, f"segment {self.file!r} inputs")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, f"segment {self.file!r} outputs")
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "file": self.file}
+        if self.kind == "block":
+            data["block"] = self.block
+            data["gate"] = self.gate
+        data["inputs"] = [t.to_json() for t in self.inputs]
+        data["outputs"] = [t.to_json() for t in self.outputs]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Segment:
+        _require_keys(data, ("kind", "file", "inputs", "outputs"), "segment")
+        return cls(
+            kind=data["kind"],
+            file=data["file"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            block=data.get("block"),
+            gate=data.get("gate"),
+        )
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike) -> Segment:
+        """The I/O spec an ONNX file declares (weights are not loaded). Unnamed dynamic dims are refused."""
+        import onnx
+
+        path = Path(path)
+        if not path.is_file():
+            raise GraphoptError(f"ONNX file not found: {path}")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        initializers = {init.name for init in graph.initializer}
+        return cls(
+            kind=MODEL_KIND,
+            file=path.name,
+            inputs=tuple(_spec_of_value(v, path) for v in graph.input if v.name not in initializers),
+            outputs=tuple(_spec_of_value(v, path) for v in graph.output),
+        )
+
+
+@dataclass
+class SegmentedManifest:
+    """The whole layout. `root` is the folder the segment files are relative to (not serialized)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stream: tuple[str, ...]
+    gates: str | None
+    segments: tuple[Segment, ...]
+    dims: dict[str, DimRange] = field(default_factory=dict)
+    batch_dim: str = "batch"
+    config: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.inputs = tuple(self.inputs)
+        self.outputs = tuple(self.outputs)
+        self.stream = tuple(self.stream)
+        self.segments = tuple(self.segments)
+        self.dims = {k: v if isinstance(v, DimRange) else DimRange(**v) for k, v in self.dims.items()}
+
+    # -- views ------------------------------------------------------------------------------------
+
+    @property
+    def prologue(self) -> Segment:
+        return self.segments[0]
+
+    @property
+    def blocks(self) -> tuple[Segment, ...]:
+        return self.segments[1:-1]
+
+    @property
+    def epilogue(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def n_routed(self) -> int:
+        return sum(1 for b in self.blocks if b.routed)
+
+    def stream_spec(self, name: str) -> TensorSpec:
+        return self.prologue.output(name)
+
+    def path_of(self, segment: Segment) -> Path:
+        if self.root is None:
+            raise GraphoptError("manifest has no root folder: load it with SegmentedManifest.load(path)")
+        return self.root / segment.file
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def validate(self, check_files: bool = True) -> None:
+        """Raise GraphoptError on the first broken rule of the contract (see the module docstring)."""
+        kinds = [s.kind for s in self.segments]
+        if len(kinds) < 2 or kinds[0] != "prologue" or kinds[-1] != "epilogue" or any(
+            k != "block" for k in kinds[1:-1]
+        ):
+            raise GraphoptError(
+                f"segments must be one prologue, the blocks in order, then one epilogue; got kinds {kinds}"
+            )
+        _unique([t.name for t in self.inputs], "model inputs")
+        _unique([t.name for t in self.outputs], "model outputs")
+        _unique([s.file for s in self.segments], "segment files")
+        if not self.outputs:
+            raise GraphoptError("the manifest lists no model outputs; the epilogue must produce at least one")
+        if not self.stream:
+            raise GraphoptError("the manifest names no stream tensor: list the residual stream's names in 'stream'")
+        _unique(list(self.stream), "stream names")
+
+        model_inputs = {t.name: t for t in self.inputs}
+        pro = self.prologue
+        self._check_reads(pro, model_inputs, "model inputs")
+        produced = {t.name: t for t in pro.outputs}
+        clash = sorted(set(produced) & set(model_inputs))
+        if clash:
+            raise GraphoptError(
+                f"prologue outputs {clash} reuse model input names; give the stream/side tensors their own names"
+            )
+        for name in self.stream:
+            if name not in produced:
+                raise GraphoptError(
+                    f"stream tensor '{name}' is not a prologue output; the prologue writes {sorted(produced)}"
+                )
+            spec = produced[name]
+            if not spec.shape or spec.shape[0] != self.batch_dim:
+                raise GraphoptError(
+                    f"stream tensor '{name}' has shape {list(spec.shape)}; its axis 0 must be the batch dim "
+                    f"'{self.batch_dim}' (per-sample gating selects along it)"
+                )
+
+        routed = [b for b in self.blocks if b.routed]
+        if self.gates is None:
+            if routed:
+                raise GraphoptError(
+                    f"blocks {[b.block for b in routed]} have a gate column but the manifest has no 'gates' tensor"
+                )
+        else:
+            if self.gates not in produced or self.gates in self.stream:
+                raise GraphoptError(f"gates tensor '{self.gates}' must be a prologue output outside the stream")
+            gates = produced[self.gates]
+            if gates.dtype != "bool" or len(gates.shape) != 2 or gates.shape[0] != self.batch_dim:
+                raise GraphoptError(
+                    f"gates tensor '{self.gates}' is {gates.describe()}; it must be bool "
+                    f"['{self.batch_dim}', n_routed]"
+                )
+            if isinstance(gates.shape[1], int) and gates.shape[1] != len(routed):
+                raise GraphoptError(
+                    f"gates tensor '{self.gates}' has {gates.shape[1]} columns but {len(routed)} blocks are routed"
+                )
+            columns = sorted(b.gate for b in routed)
+            if columns != list(range(len(routed))):
+                raise GraphoptError(
+                    f"routed blocks' gate columns are {columns}; they must be 0..{len(routed) - 1}, each used once"
+                )
+
+        readable = {**model_inputs, **{k: v for k, v in produced.items() if k != self.gates}}
+        previous = -1
+        for block in self.blocks:
+            if block.block <= previous:
+                raise GraphoptError(
+                    f"block indices must increase strictly; block {block.block} ({block.file}) follows {previous}"
+                )
+            previous = block.block
+            self._check_reads(block, readable, "model inputs and prologue outputs (gates excepted)")
+            missing = [s for s in self.stream if s not in {t.name for t in block.inputs}]
+            if missing:
+                raise GraphoptError(f"segment '{block.file}' does not read stream tensor(s) {missing}")
+            expected = {next_name(s): produced[s] for s in self.stream}
+            got = {t.name: t for t in block.outputs}
+            if set(got) != set(expected):
+                raise GraphoptError(
+                    f"segment '{block.file}' outputs {sorted(got)}; a block must output exactly the stream's "
+                    f"next values {sorted(expected)} (stream name + '{NEXT_SUFFIX}')"
+                )
+            for name, spec in expected.items():
+                if (got[name].dtype, got[name].shape) != (spec.dtype, spec.shape):
+                    raise GraphoptError(
+                        f"segment '{block.file}' writes '{name}' as {got[name].describe()} but the stream is "
+                        f"{spec.describe()}; a block must keep the stream's dtype and shape"
+                    )
+
+        epi = self.epilogue
+        self._check_reads(epi, readable, "model inputs and prologue outputs (gates excepted)")
+        epi_out = {t.name: t for t in epi.outputs}
+        if [t.name for t in epi.outputs] != [t.name for t in self.outputs]:
+            raise GraphoptError(
+                f"epilogue outputs {[t.name for t in epi.outputs]} differ from the model outputs "
+                f"{[t.name for t in self.outputs]} (same names, same order)"
+            )
+        for spec in self.outputs:
+            if epi_out[spec.name] != spec:
+                raise GraphoptError(
+                    f"epilogue writes '{spec.name}' as {epi_out[spec.name].describe()} but the model output "
+                    f"is declared {spec.describe()}"
+                )
+
+        used_dims = {d for seg in self.segments for t in seg.inputs + seg.outputs for d in t.symbolic_dims}
+        unknown = sorted(set(self.dims) - used_dims)
+        if unknown:
+            raise GraphoptError(f"'dims' gives ranges for {unknown}, which no tensor uses; known: {sorted(used_dims)}")
+        if check_files:
+            self._check_files()
+
+    def _check_reads(self, segment: Segment, readable: Mapping[str, TensorSpec], what: str) -> None:
+        for spec in segment.inputs:
+            source = readable.get(spec.name)
+            if source is None:
+                raise GraphoptError(
+                    f"segment '{segment.file}' reads '{spec.name}', which is none of the {what}: "
+                    f"{sorted(readable)}"
+                )
+            if (source.dtype, source.shape) != (spec.dtype, spec.shape):
+                raise GraphoptError(
+                    f"segment '{segment.file}' reads '{spec.name}' as {spec.describe()} but it is written as "
+                    f"{source.describe()}"
+                )
+
+    def _check_files(self) -> None:
+        if self.root is None:
+            raise GraphoptError("cannot check segment files: the manifest has no root folder")
+        for seg in self.segments:
+            rel = Path(seg.file)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise GraphoptError(f"segment file {seg.file!r} must be a path inside the manifest's folder")
+            if not (self.root / rel).is_file():
+                raise GraphoptError(
+                    f"segment file {seg.file!r} is missing from {self.root}; re-run the segmented export"
+                )
+
+    def verify_onnx(self) -> None:
+        """Check each file's declared graph I/O against the manifest (names, dtypes, ranks, fixed dims).
+
+        Loads graph structure only (no external weights); embedded weights are read, so this costs one
+        pass over each file.
+        """
+        for seg in self.segments:
+            compare_io(seg, Segment.from_onnx(self.path_of(seg)))
+
+    # -- JSON --------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "batch_dim": self.batch_dim,
+            "dims": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in self.dims.items()},
+            "config": self.config,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "stream": list(self.stream),
+            "gates": self.gates,
+            "segments": [s.to_json() for s in self.segments],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], root: Path | None = None) -> SegmentedManifest:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise GraphoptError(f"not a graphopt segmented manifest: 'format' must be {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise GraphoptError(
+                f"manifest version {data.get('version')!r} is not supported by this graphopt (reads version "
+                f"{VERSION}); re-export with this graphopt"
+            )
+        _require_keys(data, ("inputs", "outputs", "stream", "gates", "segments"), "manifest")
+        return cls(
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            stream=tuple(data["stream"]),
+            gates=data["gates"],
+            segments=tuple(Segment.from_json(s) for s in data["segments"]),
+            dims={k: DimRange(**v) for k, v in data.get("dims", {}).items()},
+            batch_dim=data.get("batch_dim", "batch"),
+            config=dict(data.get("config", {})),
+            root=root,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, check_files: bool = True) -> SegmentedManifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise GraphoptError(f"manifest not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GraphoptError(f"manifest {path} is not valid JSON: {exc}") from exc
+        try:
+            manifest = cls.from_json(data, root=path.parent)
+            manifest.validate(check_files=check_files)
+        except GraphoptError as exc:
+            raise GraphoptError(f"manifest {path}: {exc}") from None
+        return manifest
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Validate against the files next to `path`, then write atomically (temp file + os.replace)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        self.root = path.parent
+        try:
+            self.validate(check_files=True)
+        except GraphoptError as exc:
+            raise GraphoptError(f"manifest {path}: {exc}") from None
+        try:
+            text = json.dumps(self.to_json(), indent=2) + "\n"
+        except TypeError as exc:
+            raise GraphoptError(f"manifest {path}: 'config' must hold JSON values only ({exc})") from None
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+
+def compare_io(declared: Segment, actual: Segment) -> None:
+    """Raise if `actual` (what a file or engine declares) cannot serve `declared` (the manifest).
+
+    Names must match as sets; dtypes and ranks exactly; a dim fixed in the file must be fixed to the
+    same value in the manifest. A manifest int may narrow a symbolic file dim.
+    """
+    for role, want, have in (("inputs", declared.inputs, actual.inputs), ("outputs", declared.outputs, actual.outputs)):
+        want_names = {t.name for t in want}
+        have_names = {t.name for t in have}
+        if want_names != have_names:
+            raise GraphoptError(
+                f"'{declared.file}' {role} are {sorted(have_names)} but the manifest declares {sorted(want_names)}"
+            )
+        have_by = {t.name: t for t in have}
+        for spec in want:
+            got = have_by[spec.name]
+            if got.dtype != spec.dtype or len(got.shape) != len(spec.shape):
+                raise GraphoptError(
+                    f"'{declared.file}' declares '{spec.name}' as {got.describe()} but the manifest says "
+                    f"{spec.describe()}"
+                )
+            for axis, (m, f) in enumerate(zip(spec.shape, got.shape)):
+                if isinstance(f, int) and m != f:
+                    raise GraphoptError(
+                        f"'{declared.file}' fixes axis {axis} of '{spec.name}' to {f} but the manifest says {m!r}"
+                    )
+
+
+def _spec_of_value(value: Any, path: Path) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    dtype = DTYPE_OF_ELEM.get(tensor_type.elem_type, f"elem_type {tensor_type.elem_type}")
+    dims: list[Dim] = []
+    for axis, dim in enumerate(tensor_type.shape.dim):
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            raise GraphoptError(
+                f"{path.name}: axis {axis} of '{value.name}' is dynamic but unnamed; name every dynamic dim "
+                "when exporting (torch.export.Dim('batch'), or dynamic_axes={...: {0: 'batch'}})"
+            )
+    return TensorSpec(value.name, dtype, tuple(dims))
+
+
+def _by_name(specs: Iterable[TensorSpec], name: str, where: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise GraphoptError(f"no tensor '{name}' among the {where}")
+
+
+def _unique(names: list[str], what: str) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise GraphoptError(f"{what} repeat names: {duplicates}")
+
+
+def _require_keys(data: Mapping[str, Any], keys: Iterable[str], what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise GraphoptError(f"{what} entry must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise GraphoptError(f"{what} entry is missing {missing}: {dict(data)!r:.200}")
