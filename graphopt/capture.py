@@ -60,7 +60,7 @@ def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
     name = str(source)
     if name in TEACHERS:
         model = load_tiny_teacher(name)[0]
-        return families.build_model(model.config, dict(model.config), "meta") if meta else model
+        return families.build_model(model, dict(model.config), "meta") if meta else model
     if name.startswith(TINY_PREFIX):
         return families.build_model(name[len(TINY_PREFIX):], device="meta" if meta else "cpu")
     path = Path(source)

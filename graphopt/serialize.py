@@ -6,7 +6,6 @@ weights. The folder is assembled next to its destination and renamed into place.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -65,15 +64,11 @@ def load(folder, *, device: str = "cpu"):
             raise GraphoptError(f"'{folder}' has no {name}: point at a folder written by "
                                 f"`graphopt compress` or graphopt.save")
     recipe = Recipe.load(folder / RECIPE)
-    config, spec = recipe.model.get("config"), recipe.model.get("input_spec")
-    if not config or not spec:
-        raise GraphoptError(f"recipe in '{folder}' records no model config/input shape: it was "
-                            f"made from a .pt2 archive; replay it on a capture yourself")
-    spec = families.InputSpec(**{**spec, "dtype": getattr(torch, spec["dtype"].split(".")[-1])})
+    spec = families.spec_from_recipe(recipe.model, device)
     # Uninitialised storage on the target device: every tensor is overwritten from the file, and
     # a meta capture would bake the meta device into the graph.
-    model = families.build_model(config, config, device="meta").to_empty(device=device)
-    graph = capture(model, spec=dataclasses.replace(spec, device=device))
+    model = families.build_from_recipe(recipe.model, device="meta").to_empty(device=device)
+    graph = capture(model, spec=spec)
     recipe.replay(graph)
     weights = load_file(str(folder / WEIGHTS), device=device)
     expected = state_dict(graph)
@@ -86,6 +81,6 @@ def load(folder, *, device: str = "cpu"):
             raise GraphoptError(f"weight '{name}' has shape {tuple(value.shape)}, the recipe "
                                 f"gives {tuple(expected[name].shape)}: files from different runs?")
         graph.set_param(name, value)
-    graph.example_inputs = graph.family.example_inputs(config, dataclasses.replace(spec, device=device))
+    graph.example_inputs = graph.family.example_inputs(recipe.model["config"], spec)
     graph.refresh()
     return graph
