@@ -188,11 +188,6 @@ class ClipBatch:
     def __len__(self) -> int:
         return self.videos.shape[0]
 
-    def __getitem__(self, index) -> ClipBatch:
-        index = np.arange(len(self))[index]
-        index = np.atleast_1d(index)
-        return ClipBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
-
 
 def _bounce(start: np.ndarray, step: np.ndarray, frames: np.ndarray, limit: int) -> np.ndarray:
     """Triangle wave in [0, limit]: start + step·t reflected at both walls (exact for integers)."""
