@@ -15,8 +15,8 @@ $(BIN)/graphopt: pyproject.toml constraints.txt
 setup: $(BIN)/graphopt
 
 demo: setup
-	$(BIN)/graphopt inspect tiny:wan
-	$(BIN)/graphopt inspect tiny:hunyuan-video
+	$(BIN)/graphopt inspect tiny-wan
+	$(BIN)/graphopt compress tiny-wan --passes prune --prune-ratio 0.25 --verify -o $(OUT)/tiny-wan-pruned
 	$(BIN)/python tools/bench_meta_capture.py
 
 test: setup

@@ -1,0 +1,267 @@
+"""Calibration: the inputs analyses run the model on, and a runner that hands each attention's
+q, k, v to a statistic while the model runs.
+
+Inputs (`calibration_inputs`) are either synthesized or read from a safetensors file:
+
+- synthesized: the graph's example inputs with, for each of `samples` fresh seeded draws, the
+  video latent and every 3-D floating conditioning-sequence input (text states, shape
+  (batch, tokens, width)) replaced by N(0, 1) noise, at each calibration timestep. `timesteps=n`
+  draws one timestep uniformly in each of n equal bins of [50, 950] (stratified, seeded), so the
+  calibration covers the whole denoising trajectory; a tuple gives them explicitly. Masks, pooled
+  vectors, guidance and other inputs keep their example values.
+- a file (`data=path.safetensors`, never a pickle): one tensor per model input, named as the
+  model's forward kwargs, holding N calibration samples stacked along the batch dim:
+  shape (N·B, *rest) where (B, *rest) is the captured input's shape. The latent and the timestep
+  are required; inputs the file leaves out keep their example values.
+
+`run_attentions` runs the graph node by node (`torch.fx.Interpreter`, which frees every value
+after its last use) and calls a statistic at each chosen `scaled_dot_product_attention` node with
+its q, k, v and options; the statistic keeps only what it reduces them to, and the run stops
+after the last chosen attention. So memory stays that of one forward pass plus the statistics,
+whatever the number of layers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from graphopt.errors import GraphoptError
+
+TIMESTEP_RANGE = (50.0, 950.0)
+
+
+def require_weights(graph, what: str) -> None:
+    """Refuse to calibrate a graph captured without weights (meta device)."""
+    if graph.is_meta:
+        raise GraphoptError(
+            f"calibration needs weights: {what} runs the model on calibration inputs, but this "
+            f"graph was captured on the meta device (no weights). Pass a recipe computed elsewhere "
+            f"(with weights, on another machine), or load weights (capture the model with its "
+            f"weights, or graphopt.load a saved model)")
+
+
+def check_calibration(timesteps, samples: int) -> None:
+    """Validate calibration options (for the Options dataclasses of passes that calibrate)."""
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, tuple)):
+        raise GraphoptError(f"calibration timesteps must be a count (int) or a tuple of timesteps, "
+                            f"got {timesteps!r}")
+    if isinstance(timesteps, int) and timesteps < 1:
+        raise GraphoptError(f"calibration needs at least 1 timestep, got {timesteps}")
+    if isinstance(timesteps, tuple) and not timesteps:
+        raise GraphoptError("calibration timesteps tuple is empty: give at least one timestep")
+    if not isinstance(samples, int) or samples < 1:
+        raise GraphoptError(f"calibration samples must be an int >= 1, got {samples!r}")
+
+
+def calibration_timesteps(count: int, seed: int = 0) -> list[float]:
+    """One uniform draw in each of `count` equal bins of [50, 950], in descending order."""
+    low, high = TIMESTEP_RANGE
+    u = torch.rand(count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    width = (high - low) / count
+    return sorted((low + width * (i + float(u[i])) for i in range(count)), reverse=True)
+
+
+def calibration_inputs(graph, *, timesteps: int | Sequence[float] = 4, samples: int = 1,
+                       seed: int = 0, data: str | Path | None = None) -> list[dict]:
+    """Model inputs (forward kwargs) to calibrate on; see the module docstring.
+
+    `timesteps` × `samples` synthesized inputs, or, with `data`, the file's samples (then
+    `timesteps`, `samples` and `seed` are not used).
+    """
+    latent_name, t_name = _input_names(graph)
+    if data is not None:
+        return _load_calibration_file(graph, Path(data), latent_name, t_name)
+    check_calibration(timesteps if isinstance(timesteps, int) else tuple(timesteps), samples)
+    ts = calibration_timesteps(timesteps, seed) if isinstance(timesteps, int) else list(timesteps)
+    example = graph.example_inputs
+    states = [k for k in _text_inputs(graph)
+              if isinstance(example.get(k), torch.Tensor) and example[k].is_floating_point()
+              and example[k].dim() == 3]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(samples):
+        fresh = {k: _normal_like(example[k], generator) for k in [latent_name, *states]}
+        for t in ts:
+            out.append({**example, **fresh, t_name: torch.full_like(example[t_name], t)})
+    return out
+
+
+def _input_names(graph) -> tuple[str, str]:
+    latent = graph.family.latent_input if graph.family is not None else "hidden_states"
+    timestep = graph.family.timestep_input if graph.family is not None else "timestep"
+    for name in (latent, timestep):
+        if not isinstance(graph.example_inputs.get(name), torch.Tensor):
+            raise GraphoptError(f"calibration needs the tensor input '{name}' in the model's "
+                                f"example inputs (it has {sorted(graph.example_inputs)}); capture "
+                                f"the model from a supported family, or give calibration data")
+    return latent, timestep
+
+
+def _text_inputs(graph) -> tuple[str, ...]:
+    if graph.family is not None:
+        return graph.family.text_inputs
+    return tuple(k for k in graph.example_inputs if k.startswith("encoder_hidden_states"))
+
+
+def _normal_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
+
+
+def _load_calibration_file(graph, path: Path, latent_name: str, t_name: str) -> list[dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise GraphoptError(f"calibration data '{path}' must be a .safetensors file (one tensor "
+                            f"per model input); other formats can run code when loaded")
+    if not path.exists():
+        raise GraphoptError(f"calibration data '{path}' not found")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise GraphoptError(f"cannot read calibration data '{path}': {e}") from None
+    example = graph.example_inputs
+    missing = [k for k in (latent_name, t_name) if k not in tensors]
+    if missing:
+        raise GraphoptError(f"calibration data '{path}' lacks {missing}; it must hold the latent "
+                            f"'{latent_name}' and the timestep '{t_name}' "
+                            f"(it has {sorted(tensors)})")
+    unknown = sorted(set(tensors) - {k for k, v in example.items() if isinstance(v, torch.Tensor)})
+    if unknown:
+        raise GraphoptError(f"calibration data '{path}' has tensors {unknown} that are not tensor "
+                            f"inputs of the model (those are {sorted(example)})")
+    counts = {}
+    for k, v in tensors.items():
+        ref = example[k]
+        batch = ref.shape[0] if ref.dim() else 1
+        if ref.dim() == 0 or v.shape[1:] != ref.shape[1:] or v.shape[0] % batch:
+            rest = ", ".join(map(str, ref.shape[1:]))
+            raise GraphoptError(
+                f"calibration data '{k}' has shape {tuple(v.shape)}; the model takes "
+                f"{tuple(ref.shape)}, so it must be (N*{batch}, {rest}) for N samples")
+        counts[k] = v.shape[0] // batch
+    if len(set(counts.values())) != 1:
+        raise GraphoptError(f"calibration data tensors hold different sample counts {counts}; "
+                            f"every tensor must stack the same N samples")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise GraphoptError(f"calibration data '{path}' holds no samples")
+    out = []
+    for i in range(n):
+        item = dict(example)
+        for k, v in tensors.items():
+            b = example[k].shape[0]
+            item[k] = v[i * b:(i + 1) * b].to(device=example[k].device, dtype=example[k].dtype)
+        out.append(item)
+    return out
+
+
+@dataclass
+class SdpaCall:
+    """The operands of one scaled_dot_product_attention call (q, k, v are (rows, heads, L, d))."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    scale: float | None
+    enable_gqa: bool
+
+    def logits(self, query_index: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """Attention logits (float32) of the chosen queries over all keys: (rows, h, n_q, L_k).
+
+        Exactly what the attention adds before its softmax: q·k scaled (1/sqrt(d) by default),
+        with the attention mask (boolean: keep where True; float: added) and causality applied.
+        """
+        q = self.q[:, heads].index_select(2, query_index).float()
+        k = self.k
+        if self.enable_gqa and k.shape[1] != self.q.shape[1]:
+            k = k.repeat_interleave(self.q.shape[1] // k.shape[1], dim=1)
+        k = k[:, heads].float()
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        logits = (q @ k.transpose(-1, -2)) * scale
+        if self.attn_mask is not None:
+            mask = self.attn_mask
+            if mask.dim() >= 2 and mask.shape[-2] != 1:
+                mask = mask.index_select(-2, query_index.to(mask.device))
+            if mask.dim() == 4 and mask.shape[1] != 1:
+                mask = mask[:, heads]
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask.float()
+        if self.is_causal:
+            keys = torch.arange(k.shape[2], device=logits.device)
+            logits = logits.masked_fill(keys[None, :] > query_index[:, None].to(logits.device),
+                                        float("-inf"))
+        return logits
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _sdpa_call(args, kwargs) -> SdpaCall:
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    q = bound["query"]
+    if q.dim() != 4:
+        raise GraphoptError(f"calibration expects attention q/k/v of shape (batch, heads, tokens, "
+                            f"dim), got q of shape {tuple(q.shape)}")
+    return SdpaCall(q, bound["key"], bound["value"], bound.get("attn_mask"),
+                    bool(bound.get("is_causal", False)), bound.get("scale"),
+                    bool(bound.get("enable_gqa", False)))
+
+
+class _StopRun(Exception):
+    """Raised after the last attention of interest: the rest of the model is not needed."""
+
+
+class _AttentionTap(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, statistics: dict, index: int):
+        super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False     # a statistic's GraphoptError reaches the user unchanged
+        self.statistics = statistics
+        self.index = index
+        self.remaining = set(statistics)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.name in self.statistics:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.statistics[n.name](self.index, _sdpa_call(args, kwargs))
+            self.remaining.discard(n.name)
+            if not self.remaining:
+                raise _StopRun
+        # The Interpreter frees a value after its last user; a value with no user (the result of
+        # an in-place copy_ into a view, as rotary embeddings do) would otherwise stay alive,
+        # and with it the whole tensor it views, layer after layer.
+        return result if n.users or n.op == "output" else None
+
+
+def run_attentions(graph, inputs: Sequence[dict],
+                   statistics: dict[str, Callable[[int, SdpaCall], None]],
+                   *, desc: str = "calibrating") -> None:
+    """For each input i, run the graph and call `statistics[sdpa_node_name](i, call)` at that node.
+
+    Runs without gradients; stops each forward pass after the last attention of interest.
+    """
+    from tqdm.auto import tqdm
+
+    names = {n.name for n in graph.gm.graph.nodes}
+    unknown = sorted(set(statistics) - names)
+    if unknown:
+        raise GraphoptError(f"no attention node(s) {unknown} in the graph")
+    if not statistics:
+        return
+    with torch.no_grad():
+        for i, item in enumerate(tqdm(inputs, desc=desc, unit="input", disable=None, leave=False)):
+            try:
+                _AttentionTap(graph.gm, statistics, i).run(*graph.flat_inputs(item),
+                                                           enable_io_processing=False)
+            except _StopRun:
+                pass
