@@ -95,11 +95,23 @@ def model_cost(graph) -> Cost:
     node_block = {}
     for b in graph.blocks:
         for name in b.nodes:
-            node_block[name] = b.index
-    per_block = [{"index": b.index, "name": b.name, "flops": 0, "params": 0, "bytes": 0}
-                 for b in graph.blocks]
+            node_block[name] = b.name
+    per_block = {b.name: {"index": b.index, "name": b.name, "flops": 0, "params": 0, "bytes": 0,
+                          "routed": False} for b in graph.blocks}
     seen_params: set[str] = set()
-    for n in gm.graph.nodes:
+    first_seen: dict[str, int] = {}
+    for pos, n in enumerate(gm.graph.nodes):
+        routed = n.meta.get("graphopt_routed_block")
+        first_seen.setdefault(routed or node_block.get(n.name), pos)
+        if routed is not None:
+            # A routed block (route pass): its cost is its run branch's, paid when it executes.
+            branch = getattr(gm, n.args[1].target)
+            entry = per_block.setdefault(routed, {"index": None, "name": routed, "flops": 0,
+                                                  "params": 0, "bytes": 0, "routed": True})
+            entry["flops"] += sum(node_flops(b) for b in branch.graph.nodes)
+            cost.flops += entry["flops"]
+            _add_params(entry, n.args[3], trainable, seen_params)
+            continue
         f = node_flops(n)
         cost.flops += f
         bi = node_block.get(n.name)
@@ -107,16 +119,24 @@ def model_cost(graph) -> Cost:
             cost.outside_blocks_flops += f
             continue
         per_block[bi]["flops"] += f
-        for a in n.all_input_nodes:
-            if a.op == "get_attr" and a.target in trainable and a.target not in seen_params:
-                seen_params.add(a.target)
-                p = trainable[a.target]
-                per_block[bi]["params"] += p.numel()
-                per_block[bi]["bytes"] += p.numel() * p.element_size()
+        _add_params(per_block[bi], n.all_input_nodes, trainable, seen_params)
+    per_block = sorted(per_block.values(), key=lambda e: first_seen.get(e["name"], 1 << 30))
+    for i, e in enumerate(per_block):
+        e["index"] = i
     cost.blocks = per_block
     for name, flow in graph.flows.items():
         cost.attentions[name] = attention_cost(flow, trainable)
     return cost
+
+
+def _add_params(entry, nodes, trainable, seen):
+    for a in nodes:
+        if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in trainable \
+                and a.target not in seen:
+            seen.add(a.target)
+            p = trainable[a.target]
+            entry["params"] += p.numel()
+            entry["bytes"] += p.numel() * p.element_size()
 
 
 def attention_cost(flow: headflow.HeadFlow, params: dict) -> AttentionCost:

@@ -16,13 +16,16 @@ def describe(graph) -> dict:
             "flops_per_head": ac.flops_per_head if ac else None,
             "params_per_head": ac.params_per_head if ac else None,
         })
+    by_name = {b.name: b for b in graph.blocks}
     blocks = []
-    for b, c in zip(graph.blocks, cost.blocks):
+    for c in cost.blocks:
+        b = by_name.get(c["name"])       # None for a routed block (it lives in a cond branch)
         blocks.append({
-            "index": b.index, "name": b.name, "streams": len(b.stream_out),
+            "index": c["index"], "name": c["name"], "routed": c["routed"],
+            "streams": len(b.stream_out) if b else None,
             "attentions": [f"{graph.attentions[n].kind}:{graph.attentions[n].heads}x"
-                           f"{graph.attentions[n].head_dim}" for n in b.attentions],
-            "ffn_hidden": [graph.ffns[f].hidden for f in b.ffns],
+                           f"{graph.attentions[n].head_dim}" for n in b.attentions] if b else [],
+            "ffn_hidden": [graph.ffns[f].hidden for f in b.ffns] if b else [],
             "flops": c["flops"], "params": c["params"], "bytes": c["bytes"],
         })
     spec = graph.spec
@@ -60,7 +63,8 @@ def render(info: dict, console) -> None:
                 "FLOPs/step", "params"):
         t.add_column(col, justify="right" if col in ("#", "FLOPs/step", "params") else "left")
     for b in info["blocks"]:
-        t.add_row(str(b["index"]), b["name"], str(b["streams"]), ", ".join(b["attentions"]),
+        t.add_row(str(b["index"]), b["name"] + (" (routed)" if b["routed"] else ""),
+                  str(b["streams"] or "-"), ", ".join(b["attentions"]) or "-",
                   ", ".join(map(str, b["ffn_hidden"])) or "-", human(b["flops"]),
                   human(b["params"]))
     console.print(t)

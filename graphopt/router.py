@@ -1,0 +1,317 @@
+"""The router of dynamic depth (PARE): which blocks run, per sample and per denoising step.
+
+`Router` is an nn.Module that `route` registers as `gm.router`; the routed graph calls it once per
+forward and gets `(gates, run)`: gates (batch × routable blocks), 1.0 where the sample's block
+runs, and run (routable blocks,) bool, True where any sample of the batch needs the block (its
+conditional, `cond_block`, executes). Blocks are combined per sample by `gate_stream`.
+
+Logits, one per routable block:
+- `mlp` (PARE): MLP([LN(temb), LN(pool(stream))]) → logits; temb is the model's own timestep
+  embedding, pool the mean over tokens of the residual stream entering the first routable block.
+  (Where the model has no embedding outside its blocks, sinusoidal features of the raw timestep.)
+- `schedule` (Learning-to-Cache): a (timestep bins × blocks) table indexed by the timestep's bin
+  ⌊t / timestep_max · bins⌋ — no content input, so every step's decisions are fixed in advance.
+
+Gates from logits ℓ (c_j: block j's FLOPs share, c_0: the share that always runs):
+- training: straight-through Gumbel-sigmoid, hard = [σ((ℓ + log u − log(1 − u)) / τ) > ½] in the
+  forward, the soft value's gradient in the backward; every block runs so that every gate has a
+  gradient. After each call `gate_probs` = σ(ℓ) (batch × blocks; P(hard = 1) for any τ) and
+  `exec_fraction` = c_0 + Σ_j σ(ℓ_j)·c_j (batch,), the expected executed-FLOPs fraction, are kept
+  (differentiable) for the budget loss (`distill.losses.RouterBudgetLoss`).
+- inference: per sample, the longest prefix of the blocks sorted by logit (descending) whose
+  FLOPs fit: c_0 + Σ c_j ≤ budget.
+- `force_gates`: None (the router decides), True / False (every gate on / off), or a bool mask
+  (blocks,) or (batch × blocks), for tests and for runtimes that decide outside the graph.
+
+Initialised from a static ranking (most important block first): the output layer's weights are
+zero and its bias is `init_logits(ranking, …)`, so before training the router is exactly the static
+policy (the top-ranked blocks that fit the budget, positive logits; the rest negative).
+
+The router follows its module's train()/eval() mode. `route` inserts it in eval mode: modules from
+torch.export come back in training mode, which changes nothing else in them but would make
+routing stochastic; call `gm.train()` to train it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphopt.errors import GraphoptError
+from graphopt.io import atomic_path
+
+MODES = ("mlp", "schedule")
+TIME_FEATURES = 64        # sinusoidal features of a raw timestep, where there is no embedding
+
+
+class Router(nn.Module):
+    def __init__(self, *, block_flops: list[int], fixed_flops: int, mode: str = "mlp",
+                 time_dim: int | None = None, content_dim: int | None = None, hidden: int = 64,
+                 budget: float = 0.5, tau: float = 1.0, timestep_bins: int = 10,
+                 timestep_max: float = 1000.0, init: torch.Tensor | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise GraphoptError(f"router mode '{mode}' unknown; choose one of {MODES}")
+        n = len(block_flops)
+        if n == 0:
+            raise GraphoptError("a router needs at least one routable block")
+        self.mode = mode
+        self.block_flops = [int(f) for f in block_flops]
+        self.fixed_flops = int(fixed_flops)
+        total = self.fixed_flops + sum(self.block_flops)
+        self.register_buffer("cost", torch.tensor(self.block_flops, dtype=torch.float64).div(total)
+                             .float(), persistent=False)
+        self.fixed_share = self.fixed_flops / total
+        self.tau = float(tau)
+        self.timestep_bins = int(timestep_bins)
+        self.timestep_max = float(timestep_max)
+        self.budget = budget
+        self.force_gates = None
+        self.record = True          # eval-mode calls append their decisions to `history`
+        self.history: list[dict] = []
+        self.gate_probs: torch.Tensor | None = None       # set by every call that computes logits
+        self.exec_fraction: torch.Tensor | None = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)    # the same recipe builds the same router
+            if mode == "mlp":
+                if content_dim is None:
+                    raise GraphoptError("an mlp router needs the content (stream) width")
+                self.time_dim = time_dim
+                inputs = (time_dim or TIME_FEATURES) + content_dim
+                self.net = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, n))
+                nn.init.zeros_(self.net[2].weight)
+                with torch.no_grad():
+                    self.net[2].bias.copy_(torch.zeros(n) if init is None else init.reshape(n))
+            else:
+                table = torch.zeros(self.timestep_bins, n) if init is None else \
+                    init.reshape(-1, n).expand(self.timestep_bins, n).clone()
+                self.table = nn.Parameter(table)
+
+    def __deepcopy__(self, memo):
+        # The last call's gate_probs / exec_fraction belong to that call's autograd graph, which
+        # cannot be copied; a copy starts without them.
+        state = {**self.__dict__, "gate_probs": None, "exec_fraction": None}
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(state, memo))
+        return new
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_flops)
+
+    # ---- settings ----------------------------------------------------------------------------
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: float):
+        if not 0.0 < float(value) <= 1.0:
+            raise GraphoptError(f"router budget is a FLOPs fraction in (0, 1], got {value}")
+        self._budget = float(value)
+
+    @property
+    def force_gates(self):
+        return self._forced
+
+    @force_gates.setter
+    def force_gates(self, value):
+        n = self.n_blocks
+        if value is None:
+            self._forced = None
+        elif isinstance(value, bool):
+            self._forced = torch.full((1, n), value, dtype=torch.bool)
+        elif isinstance(value, torch.Tensor) and value.dtype == torch.bool and \
+                value.shape[-1] == n and value.dim() in (1, 2):
+            self._forced = value.reshape(-1, n).clone()
+        else:
+            raise GraphoptError(f"force_gates takes None, True, False or a bool tensor of shape "
+                                f"({n},) or (batch, {n}); got {value!r}")
+
+    # ---- forward -----------------------------------------------------------------------------
+    def logits(self, timestep, latent, temb=None, stream=None) -> torch.Tensor:
+        """(batch, blocks) logits; `temb` and `stream` are unused in schedule mode."""
+        batch = latent.shape[0]
+        if self.mode == "schedule":
+            t = _per_sample_timestep(timestep, batch)
+            bins = (t / self.timestep_max * self.timestep_bins).floor()
+            bins = bins.clamp(0, self.timestep_bins - 1).long()
+            return self.table[bins].expand(batch, -1)
+        dtype = self.net[0].weight.dtype
+        if self.time_dim is None:
+            time = _sinusoidal(_per_sample_timestep(temb, batch), TIME_FEATURES).to(dtype)
+        else:
+            time = temb.to(dtype).reshape(batch, -1, temb.shape[-1]).mean(1)
+        content = stream.to(dtype).reshape(batch, -1, stream.shape[-1]).mean(1)
+        x = torch.cat([F.layer_norm(time, time.shape[-1:]),
+                       F.layer_norm(content, content.shape[-1:])], dim=1)
+        return self.net(x)
+
+    def forward(self, timestep, latent, temb=None, stream=None):
+        batch = latent.shape[0]
+        if self._forced is not None:
+            forced = self._forced.to(latent.device)
+            if forced.shape[0] not in (1, batch):
+                raise GraphoptError(f"force_gates has {forced.shape[0]} rows; the batch has "
+                                    f"{batch} samples")
+            hard = forced.expand(batch, -1)
+            gates, run = hard.float(), hard.any(0)
+        else:
+            logits = self.logits(timestep, latent, temb, stream)
+            if not _tracing(logits):
+                self.gate_probs = torch.sigmoid(logits.float())
+                self.exec_fraction = self.fixed_share + (self.gate_probs * self.cost).sum(1)
+            if self.training:
+                gates = gumbel_sigmoid(logits.float(), self.tau)
+                hard = gates.detach() > 0.5
+                run = torch.ones(self.n_blocks, dtype=torch.bool, device=gates.device)
+            else:
+                hard = select_under_budget(logits, self.cost, self._budget - self.fixed_share)
+                gates, run = hard.float(), hard.any(0)
+        if self.record and not self.training and not _tracing(gates):
+            self.history.append({"timestep": _per_sample_timestep(timestep, batch).detach().cpu(),
+                                 "gates": hard.detach().cpu(), "run": run.detach().cpu()})
+        return gates, run
+
+    def schedule(self, budget: float | None = None) -> torch.Tensor:
+        """Schedule mode: the (timestep bins × blocks) bool table of inference decisions."""
+        if self.mode != "schedule":
+            raise GraphoptError("only a schedule-mode router has a fixed table; this one reads "
+                                "the content")
+        budget = self._budget if budget is None else budget
+        with torch.no_grad():
+            return select_under_budget(self.table, self.cost, budget - self.fixed_share)
+
+    # ---- accounting --------------------------------------------------------------------------
+    def step_flops(self) -> list[dict]:
+        """Per recorded call: FLOPs executed (a block runs for the whole batch if any sample needs
+        it), their fraction of the full model, and each sample's own gated fraction."""
+        total = self.fixed_flops + sum(self.block_flops)
+        flops = torch.tensor(self.block_flops, dtype=torch.float64)
+        out = []
+        for step, rec in enumerate(self.history):
+            executed = self.fixed_flops + int((rec["run"].double() * flops).sum())
+            per_sample = (self.fixed_flops + rec["gates"].double() @ flops) / total
+            out.append({"step": step, "executed_flops": executed, "fraction": executed / total,
+                        "sample_fractions": per_sample.tolist(),
+                        "blocks_run": int(rec["run"].sum())})
+        return out
+
+    def clear_history(self) -> None:
+        self.history = []
+
+    def plot_decisions(self, path, names: list[str] | None = None) -> None:
+        """PNG heat map, recorded steps × routable blocks: share of the batch's samples that ran."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        if not self.history:
+            raise GraphoptError("no router decisions recorded yet: run the model in eval mode "
+                                "with router.record = True first")
+        grid = torch.stack([rec["gates"].float().mean(0) for rec in self.history])
+        fig = Figure(figsize=(0.3 * self.n_blocks + 2.5, 0.22 * len(self.history) + 1.8))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1,
+                       interpolation="nearest")
+        ax.set_xlabel("routable block")
+        ax.set_ylabel("step (call)")
+        if names is not None:
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        fractions = [s["fraction"] for s in self.step_flops()]
+        ax.set_title(f"blocks run (mean executed FLOPs {sum(fractions) / len(fractions):.2f})",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of samples")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+
+
+def gumbel_sigmoid(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Straight-through Gumbel-sigmoid: 0/1 forward, ∂σ((ℓ + g)/τ)/∂ℓ backward."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def select_under_budget(logits: torch.Tensor, cost: torch.Tensor, room: float) -> torch.Tensor:
+    """Bool (…, blocks): per row, the longest prefix of blocks by descending logit with
+    Σ cost ≤ room. (topk, not sort: it exports to ONNX TopK.)"""
+    order = torch.topk(logits, logits.shape[-1], dim=-1).indices
+    spent = cost[order].cumsum(-1)
+    keep = spent <= room + 1e-6
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def init_logits(ranking: list[int], cost: list[float], room: float) -> torch.Tensor:
+    """Logits (blocks,) that order the blocks as `ranking` (most important first) and are positive
+    exactly on the top-ranked prefix that fits `room`: ℓ = ±1 + 4·(k − r − ½)/n for rank r, k
+    blocks kept, so the budget selection and σ(ℓ) > ½ agree with the static policy."""
+    n = len(ranking)
+    spent, kept = 0.0, 0
+    for j in ranking:
+        if spent + cost[j] > room + 1e-6:
+            break
+        spent += cost[j]
+        kept += 1
+    logits = torch.zeros(n)
+    for r, j in enumerate(ranking):
+        logits[j] = (1.0 if r < kept else -1.0) + 4.0 * (kept - r - 0.5) / n
+    return logits
+
+
+def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: torch.Tensor,
+                stream_in: torch.Tensor) -> torch.Tensor:
+    """Per sample: block j's output where its gate is on, the unchanged stream where it is off.
+
+    Rows are sample-major (rows_per_sample consecutive rows per sample: frames for Latte's
+    spatial blocks, positions for its temporal ones). Exact selection (torch.where); with a
+    straight-through gate (training) its gradient is (block_out − stream_in).
+    """
+    g = gates[:, j]
+    if rows_per_sample > 1:
+        g = g.repeat_interleave(rows_per_sample)
+    g = g.reshape((-1,) + (1,) * (block_out.dim() - 1))
+    mixed = torch.where(g > 0.5, block_out, stream_in)
+    if g.requires_grad:
+        mixed = mixed + (g - g.detach()).to(mixed.dtype) * (block_out - stream_in)
+    return mixed
+
+
+def cond_block(pred: torch.Tensor, run_fn, skip_fn, operands: tuple):
+    """torch.cond(pred, run_fn, skip_fn, operands), the form a routed block's call takes.
+
+    Under tracing (torch.export, fake-tensor propagation, torch.compile) this is the higher-order
+    op itself, so exported programs hold a real cond (ONNX `If`). Run eagerly it takes the branch
+    in Python, as cond's own eager kernel does, without the re-tracing of both branches that
+    cond's autograd rule performs on every call (≈0.1 s per block per step).
+    """
+    if _tracing(pred):
+        return torch.ops.higher_order.cond(pred, run_fn, skip_fn, tuple(operands))
+    return tuple(run_fn(*operands) if bool(pred) else skip_fn(*operands))
+
+
+def _per_sample_timestep(t: torch.Tensor, batch) -> torch.Tensor:
+    t = t.float()
+    if t.dim() == 0:
+        t = t.expand(batch)
+    return t.reshape(t.shape[0], -1).mean(1)
+
+
+def _sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """True under torch.export / fake-tensor propagation: no side effects then."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch.compiler.is_exporting() or torch.compiler.is_compiling()

@@ -1,0 +1,121 @@
+"""drop: remove whole blocks (static depth pruning, VDMini).
+
+Guarantee: the result computes exactly what the original computes with the same blocks skipped
+(`skip_blocks`: every stream output of a dropped block replaced by its paired stream input). The
+dropped blocks' nodes, the side computations only they used, and their weights are gone, so FLOPs
+and parameters fall by the blocks' share in `cost.model_cost` (more where earlier work fed only the
+dropped blocks: HunyuanVideo's last double block's text stream when every single block goes).
+
+Which blocks: `hierarchical` (VDMini; default) removes only among the shallow
+⌊(1 − protect_deep)·n⌋ blocks, lowest block importance first, keeping the deep blocks that carry
+motion; `importance` removes the globally lowest-importance blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import Pass, register, rel_error
+from graphopt.passes.block_importance import POLICIES, n_shallow, rank_blocks, skip_blocks
+
+
+@dataclass
+class DropOptions:
+    policy: str = "hierarchical"
+    blocks: int | None = None          # how many blocks to remove, or
+    fraction: float | None = None      # which fraction of them (0.25 when neither is given)
+    protect_deep: float = 0.5          # hierarchical: the deepest fraction never removed
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise GraphoptError(f"drop policy '{self.policy}' unknown; choose one of {POLICIES}")
+        if self.blocks is not None and self.fraction is not None:
+            raise GraphoptError("give drop either `blocks` (a count) or `fraction`, not both")
+        if self.blocks is None and self.fraction is None:
+            self.fraction = 0.25
+        if self.blocks is not None and (not isinstance(self.blocks, int) or self.blocks < 0):
+            raise GraphoptError(f"drop blocks must be a count >= 0, got {self.blocks!r}")
+        if self.fraction is not None and not 0.0 <= self.fraction < 1.0:
+            raise GraphoptError(f"drop fraction must be in [0, 1), got {self.fraction}")
+        if not 0.0 <= self.protect_deep < 1.0:
+            raise GraphoptError(f"drop protect_deep must be in [0, 1), got {self.protect_deep}")
+
+
+@register
+class Drop(Pass):
+    name = "drop"
+    Options = DropOptions
+
+    def decide(self, graph) -> dict:
+        o = self.options
+        n = len(graph.blocks)
+        count = o.blocks if o.blocks is not None else int(round(o.fraction * n))
+        limit = n_shallow(n, o.protect_deep) if o.policy == "hierarchical" else n - 1
+        if count > limit:
+            where = (f"the {limit} shallow blocks (protect_deep={o.protect_deep} keeps the rest)"
+                     if o.policy == "hierarchical" else f"{n} blocks while keeping one")
+            raise GraphoptError(f"cannot drop {count} blocks from {where}: ask for fewer, or "
+                                f"lower protect_deep")
+        removed = []
+        if count:
+            scores = graph.analysis("block-importance").scores()
+            removed = sorted(rank_blocks(scores, o.policy, o.protect_deep)[n - count:])
+        return {"removed": removed, "names": [graph.blocks[i].name for i in removed],
+                "n_blocks": n}
+
+    def apply(self, graph, decisions: dict) -> None:
+        n = decisions["n_blocks"]
+        removed = list(decisions["removed"])
+        names = [graph.blocks[i].name for i in removed if i < len(graph.blocks)]
+        if len(graph.blocks) != n or names != list(decisions["names"]):
+            raise GraphoptError(f"recipe drops blocks {decisions['names']} of a {n}-block model; "
+                                f"this model has {len(graph.blocks)} blocks "
+                                f"({', '.join(b.name for b in graph.blocks[:4])}, ...): the recipe "
+                                f"was made for another architecture or config")
+        drop_blocks(graph, removed)
+
+    def summarize(self, graph, decisions) -> dict:
+        return {"blocks_removed": len(decisions["removed"])}
+
+    def ensures(self, before, after, inputs) -> float:
+        removed = after.recipe.steps[-1]["decisions"]["removed"]
+        return rel_error(after.gm(**inputs)[0], skip_blocks(before, removed)(**inputs)[0])
+
+
+def drop_blocks(graph, indices) -> None:
+    """Remove blocks `indices`: rewire their stream outputs' users to the stream inputs, erase."""
+    _refuse_routed(graph)
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    indices = sorted(set(indices))
+    for i in indices:
+        if not 0 <= i < len(graph.blocks):
+            raise GraphoptError(f"block {i} does not exist; the model has {len(graph.blocks)} "
+                                f"blocks")
+    if len(indices) == len(graph.blocks):
+        raise GraphoptError("dropping every block leaves no transformer; keep at least one")
+    passes_on = {}                      # dropped output -> the input it now stands for
+    for i in indices:
+        block = graph.blocks[i]
+        inside = {nodes[m] for m in block.nodes}
+        for s_in, s_out in zip(block.stream_in, block.stream_out):
+            source = passes_on.get(s_in, nodes[s_in])
+            nodes[s_out].replace_all_uses_with(source, delete_user_cb=lambda u: u not in inside)
+            passes_on[s_out] = source   # consecutive dropped blocks chain through
+        for node in reversed([nodes[m] for m in block.nodes]):
+            graph.gm.graph.erase_node(node)
+    # Side computations only the dropped blocks read (their own rotary tables, masks) die too;
+    # submodules (the capture's input guards) are never removed.
+    graph.gm.graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module") or n.is_impure())
+    graph.gm.delete_all_unused_submodules()     # the dropped blocks' weights
+    graph.refresh()
+
+
+def _refuse_routed(graph) -> None:
+    from graphopt.router import cond_block
+
+    if any(n.target in (cond_block, torch.ops.higher_order.cond) for n in graph.gm.graph.nodes):
+        raise GraphoptError("this graph is already routed (its blocks run under torch.cond): "
+                            "drop or route blocks before routing, not after")
