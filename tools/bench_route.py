@@ -10,22 +10,14 @@ FLOPs ratio, against the unrouted model.
     python tools/bench_route.py [--repeats 30] [--threads 1] [--budgets 1.0 0.75 0.5]
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench_models import SPEC, WAN_SMALL, interleaved_latency
 from graphopt import capture
 from graphopt.describe import human
-from graphopt.families import InputSpec, build_model
+from graphopt.families import build_model
 from graphopt.passes.route import Route
-
-WAN_SMALL = {
-    "_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 4,
-    "attention_head_dim": 64, "in_channels": 16, "out_channels": 16, "text_dim": 256,
-    "freq_dim": 256, "ffn_dim": 1024, "num_layers": 8, "rope_max_seq_len": 1024,
-}
-SPEC = InputSpec(batch=1, frames=4, height=16, width=16, text_len=32)
 
 
 def main():
@@ -47,7 +39,7 @@ def main():
     # "every gate off" runs only what is outside the routable blocks: the always-paid part.
     configs = [("original", None)] + [(f"routed, budget {b:g}", b) for b in args.budgets] + \
         [("every gate off", "off")]
-    fractions, blocks_run, times = {}, {}, {name: [] for name, _ in configs}
+    fractions, blocks_run = {}, {}
 
     def call(budget):
         if budget is None:
@@ -64,16 +56,11 @@ def main():
                 call(budget)
                 [step] = router.step_flops()
                 fractions[name], blocks_run[name] = step["fraction"], step["blocks_run"]
-            for _ in range(args.warmup):
-                call(budget)
-        router.record = False
-        for _ in range(args.repeats):
-            for name, budget in configs:
-                t0 = time.perf_counter()
-                call(budget)
-                times[name].append(time.perf_counter() - t0)
+    router.record = False
+    latency = interleaved_latency({name: (lambda b=budget: call(b)) for name, budget in configs},
+                                  args.repeats, args.warmup)
 
-    base = statistics.median(times["original"])
+    base = latency["original"]
     total_flops = router.fixed_flops + sum(router.block_flops)
     print(f"Wan {len(graph.blocks)} blocks, dim 256, latent {SPEC.frames}x{SPEC.height}x"
           f"{SPEC.width} ({human(total_flops)} FLOPs/step), CPU, {args.threads} thread(s), "
@@ -83,15 +70,14 @@ def main():
     print(f"| original | {len(graph.blocks)} | 1.000 | {base * 1e3:.1f} ms | 1.000 | |")
     worst = 0.0
     for name, _ in configs[1:-1]:
-        latency = statistics.median(times[name])
-        ratio, flops = latency / base, fractions[name]
+        ratio, flops = latency[name] / base, fractions[name]
         deviation = abs(ratio - flops) / flops
         worst = max(worst, deviation)
-        print(f"| {name} | {blocks_run[name]} | {flops:.3f} | {latency * 1e3:.1f} ms | "
+        print(f"| {name} | {blocks_run[name]} | {flops:.3f} | {latency[name] * 1e3:.1f} ms | "
               f"{ratio:.3f} | {deviation:.1%} |")
     verdict = "within" if worst <= args.tolerance else "OUTSIDE"
     print(f"\nworst deviation {worst:.1%}: {verdict} the {args.tolerance:.0%} target")
-    off = statistics.median(times["every gate off"])
+    off = latency["every gate off"]
     print(f"always-running part (every gate off): {off * 1e3:.1f} ms = {off / base:.1%} of the "
           f"latency, {fractions['every gate off']:.1%} of the FLOPs (elementwise work the FLOPs "
           f"count leaves out: rotary tables, norms, unpatchify)")
