@@ -43,11 +43,34 @@ def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, ve
     if out is not None:
         from graphopt.serialize import save
 
-        out = save(graph, out, extra_files={"report.json": json.dumps(report, indent=2, default=str)})
+        markdown = _report_markdown(graph, instances, results, before, after)
+        out = save(graph, out, extra_files={"report.json": json.dumps(report, indent=2, default=str),
+                                            "report.md": markdown})
         _write_plots(graph, Path(out))
         if console is not None:
-            console.print(f"wrote {out}/ (model.safetensors, recipe.json, report.json)")
+            console.print(f"wrote {out}/ (model.safetensors, recipe.json, report.json, report.md)")
     return report
+
+
+def _report_markdown(graph, instances, results, before, after) -> str:
+    """What a person reads: cost before/after, what each pass removed, the analyses behind it."""
+    lines = ["# graphopt compress report", "",
+             "| | before | after | ratio |", "|---|---|---|---|",
+             f"| FLOPs per step | {human(before.flops)} | {human(after.flops)} | "
+             f"{after.flops / before.flops:.3f} |",
+             f"| parameters | {human(before.params)} | {human(after.params)} | "
+             f"{after.params / before.params:.3f} |", ""]
+    for p, r in zip(instances, results):
+        check = "" if r.verified_error is None else f", verified (rel. error {r.verified_error:.2g})"
+        lines += [f"## {r.name} ({r.seconds:.1f} s{check})", "", *p.describe(r.decisions), ""]
+    for name, result in graph.reports.items():
+        to_markdown = getattr(result, "to_markdown", None)
+        lines += [f"## {name}", ""]
+        if callable(getattr(result, "plot", None)):
+            lines += [f"![{name}]({name}.png)", ""]
+        if callable(to_markdown):
+            lines += [to_markdown(), ""]
+    return "\n".join(lines)
 
 
 def _write_plots(graph, out: Path):

@@ -84,6 +84,18 @@ class Pass:
     def summarize(self, graph, decisions) -> dict:
         return {}
 
+    def describe(self, decisions: dict) -> list[str]:
+        """Markdown lines saying what the decisions changed (for the report of `compress`)."""
+        return []
+
+    def weight_slices(self, graph, decisions: dict) -> list[tuple[str, int, torch.Tensor]]:
+        """Stored weights `apply(graph, decisions)` shrinks, as (path, dim, indices kept along it).
+
+        `graphopt apply` slices the same tensors of a checkpoint on disk with this; it refuses a
+        pass that changes a weight's shape without saying so here.
+        """
+        return []
+
     def run(self, graph) -> PassResult:
         decisions = self.decide(graph)
         stats_before = _size(graph)

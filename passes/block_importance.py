@@ -65,7 +65,17 @@ class BlockImportance:
         column = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - timestep))
         return self.output[:, column].tolist()
 
+    def to_markdown(self) -> str:
+        rows = self._rows()
+        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] +
+                         ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
     def table(self) -> str:
+        rows = self._rows()
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+
+    def _rows(self) -> list[list[str]]:
         head = ["block", "name", "mean"] + [f"t={t:g}" for t in self.timesteps]
         if self.content is not None:
             head += ["content", "motion"]
@@ -76,8 +86,7 @@ class BlockImportance:
             if self.content is not None:
                 row += [f"{self.content[i].mean():.4f}", f"{self.motion[i].mean():.4f}"]
             rows.append(row)
-        widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+        return rows
 
     def plot(self, path) -> None:
         """Heat maps (blocks × timesteps) of the output, content and motion errors, as a PNG."""
@@ -253,19 +262,23 @@ def _skip_harness(graph):
     return gm, skip, gm.graphopt_tap
 
 
-def _frames_view(graph):
-    """A function viewing the last block's stream as (samples, frames, tokens, channels), or
-    None where the layout is unknown or there is a single frame."""
+def _frames_view(graph, block: str | None = None, shape: tuple | None = None):
+    """A function viewing a block's stream (its first output) as (samples, frames, tokens,
+    channels), or None where the layout is unknown or there is a single frame.
+
+    `block` is a block's module path with `shape` its stream's shape (a routed block is no longer
+    in `graph.blocks`); by default the last block of `graph.blocks`."""
     if graph.token_layout is None:
         return None
     frames, h, w = graph.token_layout
     if frames < 2:
         return None
-    last = graph.blocks[-1]
+    if block is None:
+        block = graph.blocks[-1].name
+        shape = tuple(graph.node(graph.blocks[-1].stream_out[0]).meta["val"].shape)
     layout = None
     if graph.family is not None and graph.spec is not None:
-        layout = graph.family.block_stream(last.name, graph.config, graph.spec)
-    shape = tuple(graph.node(last.stream_out[0]).meta["val"].shape)
+        layout = graph.family.block_stream(block, graph.config, graph.spec)
     if layout is None:
         if len(shape) != 3 or shape[1] != frames * h * w:
             return None

@@ -27,13 +27,23 @@ class DropOptions:
     blocks: int | None = None          # how many blocks to remove, or
     fraction: float | None = None      # which fraction of them (0.25 when neither is given)
     protect_deep: float = 0.5          # hierarchical: the deepest fraction never removed
+    # Which blocks to remove (indices into graph.blocks), given (e.g. ranked on a GPU elsewhere):
+    # no block importance is computed, so this is how a meta-device graph (no weights) is dropped.
+    removed: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise GraphoptError(f"drop policy '{self.policy}' unknown; choose one of {POLICIES}")
+        if self.removed is not None:
+            if self.blocks is not None or self.fraction is not None:
+                raise GraphoptError("give drop either the `removed` blocks or how many to remove "
+                                    "(`blocks` / `fraction`), not both")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.removed):
+                raise GraphoptError(f"drop removed must be block indices, got {self.removed!r}")
+            self.removed = tuple(sorted(set(self.removed)))
         if self.blocks is not None and self.fraction is not None:
             raise GraphoptError("give drop either `blocks` (a count) or `fraction`, not both")
-        if self.blocks is None and self.fraction is None:
+        if self.blocks is None and self.fraction is None and self.removed is None:
             self.fraction = 0.25
         if self.blocks is not None and (not isinstance(self.blocks, int) or self.blocks < 0):
             raise GraphoptError(f"drop blocks must be a count >= 0, got {self.blocks!r}")
@@ -51,6 +61,13 @@ class Drop(Pass):
     def decide(self, graph) -> dict:
         o = self.options
         n = len(graph.blocks)
+        if o.removed is not None:
+            bad = [i for i in o.removed if not 0 <= i < n]
+            if bad or len(o.removed) == n:
+                raise GraphoptError(f"drop removed {list(o.removed)}: the model has blocks 0..{n - 1} "
+                                    f"and must keep at least one")
+            return {"removed": list(o.removed), "names": [graph.blocks[i].name for i in o.removed],
+                    "n_blocks": n}
         count = o.blocks if o.blocks is not None else int(round(o.fraction * n))
         limit = n_shallow(n, o.protect_deep) if o.policy == "hierarchical" else n - 1
         if count > limit:
@@ -59,6 +76,11 @@ class Drop(Pass):
             raise GraphoptError(f"cannot drop {count} blocks from {where}: ask for fewer, or "
                                 f"lower protect_deep")
         removed = []
+        if count and graph.is_meta:
+            raise GraphoptError("ranking blocks needs weights (block importance runs the model), "
+                                "and this graph is on the meta device: give the drop option "
+                                "removed=[block indices], or replay a recipe computed where the "
+                                "weights are")
         if count:
             scores = graph.analysis("block-importance").scores()
             removed = sorted(rank_blocks(scores, o.policy, o.protect_deep)[n - count:])
@@ -78,6 +100,10 @@ class Drop(Pass):
 
     def summarize(self, graph, decisions) -> dict:
         return {"blocks_removed": len(decisions["removed"])}
+
+    def describe(self, decisions: dict) -> list[str]:
+        names = ", ".join(f"`{n}`" for n in decisions["names"]) or "none"
+        return [f"- removed {len(decisions['removed'])} of {decisions['n_blocks']} blocks: {names}"]
 
     def ensures(self, before, after, inputs) -> float:
         removed = after.recipe.steps[-1]["decisions"]["removed"]

@@ -103,6 +103,12 @@ class HeadImportance:
                       " ".join(f"{v:.3g}" for v in s.tolist()))
         return t
 
+    def to_markdown(self) -> str:
+        lines = [f"| attention | {self.criterion} importance per head |", "|---|---|"]
+        lines += [f"| {name} | {' '.join(f'{v:.3g}' for v in s.tolist())} |"
+                  for name, s in self.scores.items()]
+        return "\n".join(lines)
+
     def plot(self, path) -> None:
         """PNG heat map, attentions × heads, of the importance scores."""
         heatmap(path, list(self.scores), list(self.scores.values()),

@@ -30,6 +30,9 @@ class PruneOptions:
     kinds: tuple[str, ...] = ("self", "cross", "joint")   # which attentions may lose heads
     criterion: str = "role-aware"      # "magnitude", "sensitivity" or "role-aware"
     temporal_factor: float = 1.5       # role-aware: temporal heads' importance is multiplied by this
+    # Kept heads per attention, given (e.g. ranked on a GPU elsewhere): no ranking is computed,
+    # so this is how a meta-device graph (no weights) is pruned. The options above are then unused.
+    heads: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
@@ -45,6 +48,13 @@ class PruneOptions:
                                 f"sensitivity or role-aware")
         if self.temporal_factor <= 0:
             raise GraphoptError(f"temporal_factor must be > 0, got {self.temporal_factor}")
+        if self.heads is not None:
+            if not isinstance(self.heads, dict) or not all(
+                    isinstance(v, (list, tuple)) and all(isinstance(h, int) for h in v)
+                    for v in self.heads.values()):
+                raise GraphoptError("prune heads must map attention names to lists of kept head "
+                                    "indices, e.g. {\"blocks.0.attn1\": [0, 2, 3]}")
+            self.heads = {k: sorted(set(v)) for k, v in self.heads.items()}
 
 
 @register
@@ -53,9 +63,22 @@ class Prune(Pass):
     Options = PruneOptions
 
     def decide(self, graph) -> dict:
-        from graphopt.passes.importance import head_importance
+        from graphopt.passes.importance import HeadImportance, head_importance
 
         o = self.options
+        if o.heads is not None:
+            unknown = sorted(set(o.heads) - set(graph.flows))
+            if unknown:
+                raise GraphoptError(f"prune heads names attention(s) {unknown[:3]} that this graph "
+                                    f"cannot prune; prunable ones: {sorted(graph.flows)[:4]}, ...")
+            return {"heads": dict(o.heads),
+                    "original_heads": {n: graph.attentions[n].heads for n in o.heads}}
+        if graph.is_meta:
+            raise GraphoptError(
+                f"ranking heads by {o.criterion} needs weights, and this graph is on the meta "
+                f"device: give the kept heads (prune option heads={{attention: [kept head "
+                f"indices]}}), or replay a recipe computed where the weights are "
+                f"(graphopt.Recipe.load(path).replay(graph))")
         candidates = [a for a in graph.attentions.values()
                       if a.prunable and a.kind in o.kinds and a.block is not None]
         if not candidates:
@@ -63,6 +86,7 @@ class Prune(Pass):
                                 f"{list(o.kinds)}; see `graphopt inspect` for what was found")
         scores = head_importance(graph, o.criterion, temporal_factor=o.temporal_factor,
                                  attentions=[a.name for a in candidates])
+        graph.reports["head-importance"] = HeadImportance(o.criterion, scores)
         return {"heads": select_heads(candidates, scores, o.ratio, o.min_heads, o.per_layer),
                 "original_heads": {a.name: a.heads for a in candidates}}
 
@@ -76,9 +100,22 @@ class Prune(Pass):
                     f"architecture or config")
         prune_heads(graph, {k: list(v) for k, v in decisions["heads"].items()})
 
+    def weight_slices(self, graph, decisions: dict) -> list[tuple[str, int, torch.Tensor]]:
+        return weight_slices(graph, {k: list(v) for k, v in decisions["heads"].items()})
+
     def summarize(self, graph, decisions) -> dict:
         return {"heads_removed": sum(decisions["original_heads"][n] - len(k)
                                      for n, k in decisions["heads"].items())}
+
+    def describe(self, decisions: dict) -> list[str]:
+        lines = []
+        for name, kept in decisions["heads"].items():
+            n = decisions["original_heads"][name]
+            removed = sorted(set(range(n)) - set(kept))
+            if removed:
+                lines.append(f"- `{name}`: removed heads {', '.join(map(str, removed))} "
+                             f"({len(kept)} of {n} kept)")
+        return lines or ["- no head removed"]
 
     def ensures(self, before, after, inputs) -> float:
         kept = after.recipe.steps[-1]["decisions"]["heads"]
@@ -118,6 +155,22 @@ def _mask_from_kept(heads: int, kept: list[int]) -> torch.Tensor:
 
 def prune_heads(graph, kept: dict[str, list[int]]) -> None:
     """Physically keep only `kept[attention]` heads; rewrite weights and shape constants."""
+    for flow, heads in _changed_flows(graph, kept):
+        _prune_one(graph, flow, heads)
+    graph.refresh()
+
+
+def weight_slices(graph, kept: dict[str, list[int]]) -> list[tuple[str, int, torch.Tensor]]:
+    """Every stored weight `prune_heads(graph, kept)` shrinks: (path, dim, indices kept along dim).
+
+    The one description of which rows/columns a head owns: `prune_heads` slices the graph's
+    weights with it, and `graphopt apply` the same tensors in a checkpoint on disk.
+    """
+    return [s for flow, heads in _changed_flows(graph, kept) for s in _flow_slices(flow, heads)]
+
+
+def _changed_flows(graph, kept: dict[str, list[int]]) -> list[tuple[headflow.HeadFlow, list[int]]]:
+    out = []
     for name, heads in kept.items():
         if name not in graph.flows:
             raise GraphoptError(f"attention '{name}' is not prunable in this graph "
@@ -126,31 +179,43 @@ def prune_heads(graph, kept: dict[str, list[int]]) -> None:
         heads = sorted(set(heads))
         if not heads or heads[0] < 0 or heads[-1] >= flow.heads:
             raise GraphoptError(f"attention '{name}' has {flow.heads} heads; cannot keep {heads}")
-        if len(heads) == flow.heads:
-            continue
-        _prune_one(graph, flow, heads)
-    graph.refresh()
+        if len(heads) < flow.heads:
+            out.append((flow, heads))
+    return out
+
+
+def _flow_slices(flow: headflow.HeadFlow, heads: list[int]) -> list[tuple[str, int, torch.Tensor]]:
+    out = []
+    for lin, dim in flow.producers:
+        idx = headflow.kept_indices(dim, heads)
+        out.append((_stored(lin.args[1]), 0, idx))
+        if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
+            out.append((_stored(lin.args[2]), 0, idx))
+    for lin, dim in flow.consumers:
+        out.append((_stored(lin.args[1]), 1, headflow.kept_indices(dim, heads)))
+    for norm, first in flow.norms:
+        idx = headflow.kept_indices(_norm_dim(flow, norm, first), heads)
+        for w in norm.args[2:4]:
+            if isinstance(w, fx.Node):
+                out.append((_stored(w), 0, idx))
+    return out
+
+
+def _norm_dim(flow: headflow.HeadFlow, norm: fx.Node, first: int):
+    dims = flow.labels[norm.args[0]][first:]
+    if len(dims) != 1:
+        raise GraphoptError(f"norm '{norm.name}' normalises several head-carrying dims; "
+                            f"not supported by prune")
+    return dims[0]
 
 
 def _prune_one(graph, flow: headflow.HeadFlow, heads: list[int]):
     k = len(heads)
-    for lin, dim in flow.producers:
-        idx = headflow.kept_indices(dim, heads)
-        _slice_param(graph, lin.args[1], 0, idx)
-        if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node):
-            _slice_param(graph, lin.args[2], 0, idx)
-    for lin, dim in flow.consumers:
-        _slice_param(graph, lin.args[1], 1, headflow.kept_indices(dim, heads))
+    for target, dim, idx in _flow_slices(flow, heads):
+        value = graph.param(target)
+        graph.set_param(target, value.index_select(dim, idx.to(value.device)).contiguous())
     for norm, first in flow.norms:
-        dims = flow.labels[norm.args[0]][first:]
-        if len(dims) != 1:
-            raise GraphoptError(f"norm '{norm.name}' normalises several head-carrying dims; "
-                                f"not supported by prune")
-        idx = headflow.kept_indices(dims[0], heads)
-        for w in norm.args[2:4]:
-            if isinstance(w, fx.Node):
-                _slice_param(graph, w, 0, idx)
-        norm.update_arg(1, [headflow.new_size(dims[0], k)])
+        norm.update_arg(1, [headflow.new_size(_norm_dim(flow, norm, first), k)])
     for j, (user, operand, dim, label) in enumerate(flow.sliced_operands):
         buf = f"graphopt_kept_{flow.attention.replace('.', '_')}_{j}"
         graph.gm.register_buffer(buf, headflow.kept_indices(label, heads))
@@ -178,11 +243,10 @@ def _rewrite_sizes(sizes, labels, k):
     return list(out)
 
 
-def _slice_param(graph, get_attr: fx.Node, dim: int, idx: torch.Tensor):
+def _stored(get_attr: fx.Node) -> str:
     if get_attr.op != "get_attr":
         raise GraphoptError(f"weight '{get_attr.name}' is computed, not stored; cannot prune it")
-    value = graph.param(get_attr.target)
-    graph.set_param(get_attr.target, value.index_select(dim, idx.to(value.device)).contiguous())
+    return get_attr.target
 
 
 def mask_heads(graph, masks: dict[str, torch.Tensor]) -> fx.GraphModule:

@@ -56,6 +56,9 @@ class RouteOptions:
     timestep_bins: int = 10            # schedule mode
     timestep_max: float = 1000.0       # the timestep range [0, timestep_max) the bins cover
     tau: float = 1.0                   # Gumbel-sigmoid temperature in training
+    # The static ranking the router starts from (routable block indices, most important first),
+    # given: no block importance is computed, so this is how a meta-device graph is routed.
+    ranking: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -77,6 +80,8 @@ class RouteOptions:
             self.blocks = tuple(sorted(set(int(b) for b in self.blocks)))
             if not self.blocks:
                 raise GraphoptError("route blocks is empty: name at least one routable block")
+        if self.ranking is not None:
+            self.ranking = tuple(int(b) for b in self.ranking)
 
 
 @register
@@ -98,6 +103,18 @@ class Route(Pass):
             raise GraphoptError(f"route budget {o.budget} does not cover the {fixed:.3f} FLOPs "
                                 f"share that always runs (outside the routable blocks): raise "
                                 f"the budget or route more blocks")
+        if o.ranking is not None:
+            if sorted(o.ranking) != sorted(routable):
+                raise GraphoptError(f"route ranking {list(o.ranking)} must order exactly the "
+                                    f"routable blocks {routable}")
+            order = list(o.ranking)
+            return self._decisions(graph, o, n, routable,
+                                   order if o.mode == "mlp" else [order] * o.timestep_bins)
+        if graph.is_meta:
+            raise GraphoptError("ranking blocks needs weights (block importance runs the model), "
+                                "and this graph is on the meta device: give the route option "
+                                "ranking=[block indices, most important first], or replay a "
+                                "recipe computed where the weights are")
         importance = graph.analysis("block-importance")
 
         def ranking(scores):
@@ -108,6 +125,10 @@ class Route(Pass):
         else:
             centers = [(b + 0.5) * o.timestep_max / o.timestep_bins for b in range(o.timestep_bins)]
             order = [ranking(importance.at(t)) for t in centers]
+        return self._decisions(graph, o, n, routable, order)
+
+    @staticmethod
+    def _decisions(graph, o, n, routable, order) -> dict:
         return {"n_blocks": n, "blocks": routable,
                 "names": [graph.blocks[j].name for j in routable],
                 "mode": o.mode, "hidden": o.hidden, "budget": o.budget, "tau": o.tau,
@@ -126,6 +147,13 @@ class Route(Pass):
     def summarize(self, graph, decisions) -> dict:
         return {"routable_blocks": len(decisions["blocks"]), "mode": decisions["mode"],
                 "budget": decisions["budget"]}
+
+    def describe(self, decisions: dict) -> list[str]:
+        first = decisions["ranking"] if decisions["mode"] == "mlp" else decisions["ranking"][0]
+        return [f"- routed {len(decisions['blocks'])} of {decisions['n_blocks']} blocks "
+                f"({decisions['mode']} router, budget {decisions['budget']:g} of the FLOPs per step)",
+                f"- initial policy ({decisions['init_policy']}), most important first: "
+                f"{', '.join(map(str, first))}" + (" (first timestep bin)" if decisions["mode"] != "mlp" else "")]
 
     def ensures(self, before, after, inputs) -> float:
         router = after.gm.router

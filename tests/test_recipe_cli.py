@@ -105,3 +105,19 @@ def test_bad_option_leaves_no_output(capsys, tmp_path):
     _fails(["compress", "tiny:wan", "--passes", "prune", "--prune-ratio", "1.5", "-o", str(out)],
            capsys, "prune ratio must be in [0, 1)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compress_writes_model_recipe_and_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "tiny:wan", "--passes", "prune,route", "--prune-ratio", "0.25",
+                 "--prune-criterion", "magnitude", "--route-budget", "0.8", "--verify",
+                 "-o", str(out)]) == 0
+    assert "verified" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "removed heads" in report and "routed 2 of 2 blocks" in report
+    assert "![head-importance](head-importance.png)" in report
+    assert (out / "head-importance.png").stat().st_size > 0
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["after"]["flops_per_step"] < summary["before"]["flops_per_step"]
+    g = load(out)
+    assert [s["pass"] for s in g.recipe.steps] == ["prune", "route"]
