@@ -202,7 +202,15 @@ def skip_blocks(graph, indices) -> fx.GraphModule:
     equal.
     """
     gm = fx.GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
-    nodes = {n.name: n for n in gm.graph.nodes}
+    bypass_blocks(graph, gm.graph, indices)
+    gm.recompile()
+    return gm
+
+
+def bypass_blocks(graph, fx_graph: fx.Graph, indices) -> dict[str, fx.Node]:
+    """Rewire, in `fx_graph` (the graph's own or a copy), every user outside blocks `indices` that
+    reads one of their stream outputs to the paired stream input; return fx_graph's nodes by name."""
+    nodes = {n.name: n for n in fx_graph.nodes}
     passes_on = {}                      # bypassed output -> the input it now stands for
     for i in sorted(set(indices)):
         if not 0 <= i < len(graph.blocks):
@@ -213,9 +221,8 @@ def skip_blocks(graph, indices) -> fx.GraphModule:
         for s_in, s_out in zip(block.stream_in, block.stream_out):
             source = passes_on.get(s_in, nodes[s_in])
             nodes[s_out].replace_all_uses_with(source, delete_user_cb=lambda u: u not in inside)
-            passes_on[s_out] = source   # consecutive skipped blocks chain through
-    gm.recompile()
-    return gm
+            passes_on[s_out] = source   # consecutive bypassed blocks chain through
+    return nodes
 
 
 class _Tap(torch.nn.Module):

@@ -18,7 +18,8 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, register, rel_error
-from graphopt.passes.block_importance import POLICIES, n_shallow, rank_blocks, skip_blocks
+from graphopt.passes.block_importance import (POLICIES, bypass_blocks, n_shallow, rank_blocks,
+                                              skip_blocks)
 
 
 @dataclass
@@ -113,23 +114,12 @@ class Drop(Pass):
 def drop_blocks(graph, indices) -> None:
     """Remove blocks `indices`: rewire their stream outputs' users to the stream inputs, erase."""
     _refuse_routed(graph)
-    nodes = {n.name: n for n in graph.gm.graph.nodes}
     indices = sorted(set(indices))
-    for i in indices:
-        if not 0 <= i < len(graph.blocks):
-            raise GraphoptError(f"block {i} does not exist; the model has {len(graph.blocks)} "
-                                f"blocks")
     if len(indices) == len(graph.blocks):
         raise GraphoptError("dropping every block leaves no transformer; keep at least one")
-    passes_on = {}                      # dropped output -> the input it now stands for
+    nodes = bypass_blocks(graph, graph.gm.graph, indices)
     for i in indices:
-        block = graph.blocks[i]
-        inside = {nodes[m] for m in block.nodes}
-        for s_in, s_out in zip(block.stream_in, block.stream_out):
-            source = passes_on.get(s_in, nodes[s_in])
-            nodes[s_out].replace_all_uses_with(source, delete_user_cb=lambda u: u not in inside)
-            passes_on[s_out] = source   # consecutive dropped blocks chain through
-        for node in reversed([nodes[m] for m in block.nodes]):
+        for node in reversed([nodes[m] for m in graph.blocks[i].nodes]):
             graph.gm.graph.erase_node(node)
     # Side computations only the dropped blocks read (their own rotary tables, masks) die too;
     # submodules (the capture's input guards) are never removed.
