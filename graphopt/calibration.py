@@ -12,16 +12,28 @@ Inputs (`calibration_inputs`) are either synthesized or read from a safetensors 
 - a file (`data=path.safetensors`, never a pickle): one tensor per model input, named as the
   model's forward kwargs, holding N calibration samples stacked along the batch dim:
   shape (N·B, *rest) where (B, *rest) is the captured input's shape. The latent and the timestep
-  are required; inputs the file leaves out keep their example values.
+  are required; inputs the file leaves out keep their example values. Samples are read from the
+  file one at a time, when used (`CalibrationFile`).
 
 `run_attentions` runs the graph node by node (`torch.fx.Interpreter`, which frees every value
 after its last use) and calls a statistic at each chosen `scaled_dot_product_attention` node with
 its q, k, v and options; the statistic keeps only what it reduces them to, and the run stops
 after the last chosen attention. So memory stays that of one forward pass plus the statistics,
 whatever the number of layers.
+
+Block offloading (`BlockOffload`, the `offload=DEVICE` option of head-roles and head-importance):
+the weights stay where the graph holds them (CPU memory) and the run happens on DEVICE with one
+block's weights there at a time: each weight is copied over when the graph reads it, and a block's
+copies are freed when the run reads the next block's weights. Weights autograd saves for a
+backward pass are saved as references and copied again when the backward pass needs them. So the
+device holds one block, the weights outside the blocks (embeddings, output head) and the
+activations: what a 14B model needs to be calibrated on one GPU whose memory is smaller than its
+28 GB of bf16 weights (measured here on CPU only: `tests/test_offload.py` checks that the results
+equal the resident run's and that one block is on the device at a time).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +78,7 @@ def calibration_timesteps(count: int, seed: int = 0) -> list[float]:
 
 
 def calibration_inputs(graph, *, timesteps: int | Sequence[float] = 4, samples: int = 1,
-                       seed: int = 0, data: str | Path | None = None) -> list[dict]:
+                       seed: int = 0, data: str | Path | None = None) -> Sequence[dict]:
     """Model inputs (forward kwargs) to calibrate on; see the module docstring.
 
     `timesteps` × `samples` synthesized inputs, or, with `data`, the file's samples (then
@@ -111,9 +123,8 @@ def _normal_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(t.shape, generator=generator).to(device=t.device, dtype=t.dtype)
 
 
-def _load_calibration_file(graph, path: Path, latent_name: str, t_name: str) -> list[dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_calibration_file(graph, path: Path, latent_name: str, t_name: str) -> "CalibrationFile":
+    from safetensors import SafetensorError, safe_open
 
     if path.suffix != ".safetensors":
         raise GraphoptError(f"calibration data '{path}' must be a .safetensors file (one tensor "
@@ -121,43 +132,62 @@ def _load_calibration_file(graph, path: Path, latent_name: str, t_name: str) -> 
     if not path.exists():
         raise GraphoptError(f"calibration data '{path}' not found")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise GraphoptError(f"cannot read calibration data '{path}': {e}") from None
     example = graph.example_inputs
-    missing = [k for k in (latent_name, t_name) if k not in tensors]
+    missing = [k for k in (latent_name, t_name) if k not in shapes]
     if missing:
         raise GraphoptError(f"calibration data '{path}' lacks {missing}; it must hold the latent "
                             f"'{latent_name}' and the timestep '{t_name}' "
-                            f"(it has {sorted(tensors)})")
-    unknown = sorted(set(tensors) - {k for k, v in example.items() if isinstance(v, torch.Tensor)})
+                            f"(it has {sorted(shapes)})")
+    unknown = sorted(set(shapes) - {k for k, v in example.items() if isinstance(v, torch.Tensor)})
     if unknown:
         raise GraphoptError(f"calibration data '{path}' has tensors {unknown} that are not tensor "
                             f"inputs of the model (those are {sorted(example)})")
     counts = {}
-    for k, v in tensors.items():
+    for k, shape in shapes.items():
         ref = example[k]
         batch = ref.shape[0] if ref.dim() else 1
-        if ref.dim() == 0 or v.shape[1:] != ref.shape[1:] or v.shape[0] % batch:
+        if ref.dim() == 0 or shape[1:] != tuple(ref.shape[1:]) or shape[0] % batch:
             rest = ", ".join(map(str, ref.shape[1:]))
             raise GraphoptError(
-                f"calibration data '{k}' has shape {tuple(v.shape)}; the model takes "
+                f"calibration data '{k}' has shape {shape}; the model takes "
                 f"{tuple(ref.shape)}, so it must be (N*{batch}, {rest}) for N samples")
-        counts[k] = v.shape[0] // batch
+        counts[k] = shape[0] // batch
     if len(set(counts.values())) != 1:
         raise GraphoptError(f"calibration data tensors hold different sample counts {counts}; "
                             f"every tensor must stack the same N samples")
     n = next(iter(counts.values()))
     if n == 0:
         raise GraphoptError(f"calibration data '{path}' holds no samples")
-    out = []
-    for i in range(n):
-        item = dict(example)
-        for k, v in tensors.items():
-            b = example[k].shape[0]
-            item[k] = v[i * b:(i + 1) * b].to(device=example[k].device, dtype=example[k].dtype)
-        out.append(item)
-    return out
+    return CalibrationFile(path, example, sorted(shapes), n)
+
+
+class CalibrationFile(Sequence):
+    """The samples of a calibration file, each read from disk when it is used (a slice of every
+    tensor), so a long calibration set is never in memory whole."""
+
+    def __init__(self, path: Path, example: dict, names: list[str], n: int):
+        self.path, self.example, self.names, self.n = path, example, names, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        from safetensors import safe_open
+
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        item = dict(self.example)
+        with safe_open(str(self.path), "pt") as f:
+            for k in self.names:
+                ref = self.example[k]
+                b = ref.shape[0]
+                item[k] = f.get_slice(k)[i * b:(i + 1) * b].to(device=ref.device, dtype=ref.dtype)
+        return item
 
 
 @dataclass
@@ -221,9 +251,79 @@ class _StopRun(Exception):
     """Raised after the last attention of interest: the rest of the model is not needed."""
 
 
-class _AttentionTap(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, statistics: dict, index: int):
+class BlockOffload:
+    """Run on `device` with one block's weights there at a time (module docstring)."""
+
+    def __init__(self, graph, device):
+        self.device = torch.device(device)
+        self.blocks = {b.name for b in graph.blocks}
+        self.current: str | None = None
+        self.copies: dict[str, torch.Tensor] = {}              # weight path → its device copy
+        self.origin: dict[int, torch.Tensor] = {}              # id(live copy) → the weight
+        self.most_blocks_at_once = 0
+
+    def _block(self, target: str) -> str | None:
+        prefix = ".".join(target.split(".")[:2])
+        return prefix if prefix in self.blocks else None
+
+    def fetch(self, target: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        block = self._block(target)
+        if block is not None and block != self.current:
+            self.copies = {t: c for t, c in self.copies.items() if self._block(t) is None}
+            self.current = block
+        copy = self.copies.get(target)
+        if copy is None:
+            copy = self.copies[target] = value.to(self.device, copy=True)
+            # Known while the copy lives (an op may save it after the run moved on).
+            self.origin[id(copy)] = value
+            weakref.finalize(copy, self.origin.pop, id(copy), None)
+        self.most_blocks_at_once = max(self.most_blocks_at_once, len(
+            {self._block(t) for t in self.copies} - {None}))
+        return copy
+
+    def to_device(self, item: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                for k, v in item.items()}
+
+    def saved_tensors(self):
+        """Autograd hooks: a saved weight copy (or a view of one) is kept as a reference."""
+        def pack(t):
+            value = self.origin.get(id(t._base if t._base is not None else t))
+            return t if value is None else (value, t.size(), t.stride(), t.storage_offset())
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            value, size, stride, offset = packed
+            return value.to(self.device, copy=True).as_strided(size, stride, offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def run(self, gm: fx.GraphModule, item: dict):
+        """gm(**item) on the device, its weights fetched block by block."""
+        from torch.fx._pytree import tree_flatten_spec
+
+        flat = tree_flatten_spec(((), self.to_device(item)), gm._in_spec)
+        with self.saved_tensors():
+            return _Offloaded(gm, self).run(*flat, enable_io_processing=False)
+
+
+class _Offloaded(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, offload: BlockOffload | None):
         super().__init__(gm, garbage_collect_values=True)
+        self.offload = offload
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        return value if self.offload is None else self.offload.fetch(target, value)
+
+
+class _AttentionTap(_Offloaded):
+    def __init__(self, gm: fx.GraphModule, statistics: dict, index: int,
+                 offload: BlockOffload | None = None):
+        super().__init__(gm, offload)
         self.extra_traceback = False     # a statistic's GraphoptError reaches the user unchanged
         self.statistics = statistics
         self.index = index
@@ -245,7 +345,7 @@ class _AttentionTap(fx.Interpreter):
 
 def run_attentions(graph, inputs: Sequence[dict],
                    statistics: dict[str, Callable[[int, SdpaCall], None]],
-                   *, desc: str = "calibrating") -> None:
+                   *, desc: str = "calibrating", offload: BlockOffload | None = None) -> None:
     """For each input i, run the graph and call `statistics[sdpa_node_name](i, call)` at that node.
 
     Runs without gradients; stops each forward pass after the last attention of interest.
@@ -261,7 +361,9 @@ def run_attentions(graph, inputs: Sequence[dict],
     with torch.no_grad():
         for i, item in enumerate(tqdm(inputs, desc=desc, unit="input", disable=None, leave=False)):
             try:
-                _AttentionTap(graph.gm, statistics, i).run(*graph.flat_inputs(item),
-                                                           enable_io_processing=False)
+                if offload is not None:
+                    item = offload.to_device(item)
+                _AttentionTap(graph.gm, statistics, i, offload).run(*graph.flat_inputs(item),
+                                                                    enable_io_processing=False)
             except _StopRun:
                 pass

@@ -245,6 +245,9 @@ class Family:
     attentions: tuple[AttentionLayout, ...]
     blocks: tuple[BlockLayout, ...]
     prepare_for_export: Callable[[nn.Module, InputSpec], nn.Module] = field(default=_unchanged)
+    # Each ModuleList of blocks → the config key that sets its length, so that a checkpoint with
+    # blocks dropped still has a diffusers config (`graphopt apply`); without it graphopt's format.
+    block_counts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def attention_layout(self, module_path: str) -> AttentionLayout:
         """The first entry of `attentions` whose regex fully matches `module_path`."""
@@ -821,6 +824,7 @@ FAMILIES: dict[str, Family] = {
             output_shape=_wan_output,
             attentions=_WAN_ATTENTIONS,
             blocks=_WAN_BLOCKS,
+            block_counts=MappingProxyType({"blocks": "num_layers"}),
         ),
         Family(
             name="skyreels-v2",
@@ -836,6 +840,7 @@ FAMILIES: dict[str, Family] = {
             output_shape=_skyreels_output,
             attentions=_WAN_ATTENTIONS,
             blocks=_WAN_BLOCKS,
+            block_counts=MappingProxyType({"blocks": "num_layers"}),
         ),
         Family(
             name="hunyuan-video",
@@ -858,6 +863,8 @@ FAMILIES: dict[str, Family] = {
                 BlockLayout(r"transformer_blocks\.\d+", "video"),
                 BlockLayout(r"single_transformer_blocks\.\d+", "video"),
             ),
+            block_counts=MappingProxyType({"transformer_blocks": "num_layers",
+                                           "single_transformer_blocks": "num_single_layers"}),
         ),
         Family(
             name="ltx-video",
@@ -972,6 +979,27 @@ FAMILIES: dict[str, Family] = {
 
 _BY_CLASS: dict[str, Family] = {name: family for family in FAMILIES.values() for name in family.class_names}
 
+# Full-size architectures, from the published diffusers configs (transformer/config.json of
+# Wan-AI/Wan2.1-T2V-14B-Diffusers and hunyuanvideo-community/HunyuanVideo), with the latent each
+# is run at (Wan: 81 frames 480p; HunyuanVideo: 129 frames 720p). For meta-device work: capture,
+# structural passes and cost without the weights (`build_model(name, PUBLISHED[name][0], "meta")`).
+PUBLISHED: Mapping[str, tuple[dict[str, Any], InputSpec]] = MappingProxyType({
+    "wan2.1-t2v-14b": ({
+        "_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 40,
+        "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+        "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+    }, InputSpec(batch=1, frames=21, height=60, width=104, text_len=512)),
+    "hunyuan-video-13b": ({
+        "_class_name": "HunyuanVideoTransformer3DModel", "in_channels": 16, "out_channels": 16,
+        "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20,
+        "num_single_layers": 40, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2,
+        "patch_size_t": 1, "qk_norm": "rms_norm", "guidance_embeds": True,
+        "text_embed_dim": 4096, "pooled_projection_dim": 768, "rope_theta": 256.0,
+        "rope_axes_dim": [16, 56, 56],
+    }, InputSpec(batch=1, frames=33, height=90, width=160, text_len=256)),
+})
+
 
 def _unknown(what: str) -> GraphoptError:
     classes = ", ".join(sorted(_BY_CLASS))
@@ -1062,6 +1090,7 @@ def build_from_recipe(model_record: Mapping[str, Any], device: str | torch.devic
 
 __all__ = [
     "FAMILIES",
+    "PUBLISHED",
     "AttentionLayout",
     "BlockLayout",
     "Family",

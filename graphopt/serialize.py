@@ -17,6 +17,7 @@ from graphopt.errors import GraphoptError
 from graphopt.io import atomic_write_text, save_safetensors
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"    # sharded weights (written by `graphopt apply`)
 RECIPE = "recipe.json"
 CONFIG = "config.json"
 
@@ -51,30 +52,33 @@ def save(graph, out, extra_files: dict[str, str] | None = None) -> Path:
 
 
 def load(folder, *, device: str = "cpu"):
-    """Rebuild the compressed DiTGraph saved by `save` (or written by `graphopt compress`)."""
-    from safetensors.torch import load_file
-
+    """Rebuild the compressed DiTGraph saved by `save` (or written by `graphopt compress` or, in
+    graphopt's layout, by `graphopt apply`)."""
     from graphopt import families
     from graphopt.capture import capture
     from graphopt.recipe import Recipe
 
     folder = Path(folder)
-    for name in (RECIPE, WEIGHTS):
-        if not (folder / name).exists():
-            raise GraphoptError(f"'{folder}' has no {name}: point at a folder written by "
-                                f"`graphopt compress` or graphopt.save")
+    if not (folder / RECIPE).exists() or not any((folder / n).exists()
+                                                  for n in (WEIGHTS, WEIGHTS_INDEX)):
+        raise GraphoptError(f"'{folder}' has no {RECIPE} and {WEIGHTS} (or {WEIGHTS_INDEX}): "
+                            f"point at a folder written by `graphopt compress`, graphopt.save "
+                            f"or `graphopt apply`")
     recipe = Recipe.load(folder / RECIPE)
     spec = families.spec_from_recipe(recipe.model, device)
     # Uninitialised storage on the target device: every tensor is overwritten from the file, and
     # a meta capture would bake the meta device into the graph.
     model = families.build_from_recipe(recipe.model, device="meta").to_empty(device=device)
     graph = capture(model, spec=spec)
+    # Still the model the recipe was made from (`graphopt distill` finds its teacher there).
+    graph.source = graph.recipe.model["source"] = recipe.model.get("source", graph.source)
     recipe.replay(graph)
-    weights = load_file(str(folder / WEIGHTS), device=device)
+    weights, made_by_recipe = _read_weights(folder, device)
     expected = state_dict(graph)
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    missing = set(expected) - set(weights) - made_by_recipe
+    unexpected = set(weights) - set(expected)
     if missing or unexpected:
-        raise GraphoptError(f"weights in '{folder / WEIGHTS}' do not match the recipe "
+        raise GraphoptError(f"weights in '{folder}' do not match the recipe "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     for name, value in weights.items():
         if tuple(expected[name].shape) != tuple(value.shape):
@@ -84,3 +88,18 @@ def load(folder, *, device: str = "cpu"):
     graph.example_inputs = graph.family.example_inputs(recipe.model["config"], spec)
     graph.refresh()
     return graph
+
+
+def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The saved tensors, and the names the index says replaying the recipe creates."""
+    from safetensors.torch import load_file
+
+    if (folder / WEIGHTS).exists():
+        return load_file(str(folder / WEIGHTS), device=device), set()
+    index = json.loads((folder / WEIGHTS_INDEX).read_text())
+    weights = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        if not (folder / shard).exists():
+            raise GraphoptError(f"shard '{shard}' listed in '{folder / WEIGHTS_INDEX}' is missing")
+        weights.update(load_file(str(folder / shard), device=device))
+    return weights, set(index.get("metadata", {}).get("made_by_recipe", []))

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graphopt.calibration import (SdpaCall, calibration_inputs, check_calibration,
-                                  require_weights, run_attentions)
+from graphopt.calibration import (BlockOffload, SdpaCall, calibration_inputs,
+                                  check_calibration, require_weights, run_attentions)
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
 from graphopt.pass_manager import Pass, register
@@ -61,6 +61,7 @@ class HeadRolesOptions:
     seed: int = 0
     data: str | None = None                    # calibration inputs from a .safetensors file
     attentions: tuple[str, ...] | None = None  # restrict to these attentions (module paths)
+    offload: str | None = None                 # run on this device, one block's weights at a time
 
     def __post_init__(self):
         if not isinstance(self.queries, int) or self.queries < 1:
@@ -207,7 +208,8 @@ def head_roles(graph, options: HeadRolesOptions | None = None, *,
         if q_layout.kind == "video":
             stats[att.sdpa] = _RoleStatistic(att, q_layout, k_layout, o.queries,
                                              (o.seed, ordinal))
-    run_attentions(graph, inputs, stats, desc="head roles")
+    run_attentions(graph, inputs, stats, desc="head roles",
+                   offload=BlockOffload(graph, o.offload) if o.offload else None)
     result = {}
     for name, (q_layout, _) in layouts.items():
         att = graph.attentions[name]

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from graphopt import headflow
-from graphopt.calibration import calibration_inputs, check_calibration, require_weights
+from graphopt.calibration import (BlockOffload, calibration_inputs, check_calibration,
+                                  require_weights)
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, register
 from graphopt.passes.head_roles import HeadRoles, HeadRolesOptions, head_roles, heatmap
@@ -64,6 +65,7 @@ class HeadImportanceOptions:
     seed: int = 0
     data: str | None = None                    # calibration inputs from a .safetensors file
     attentions: tuple[str, ...] | None = None  # score these attentions (default: all prunable)
+    offload: str | None = None                 # run on this device, one block's weights at a time
 
     def __post_init__(self):
         _check(self.criterion, self.temporal_factor, self.method, self.probes)
@@ -130,22 +132,24 @@ class HeadImportancePass(Pass):
         roles = None
         if o.criterion == "role-aware":
             roles = head_roles(graph, HeadRolesOptions(timesteps=o.timesteps, samples=o.samples,
-                                                       seed=o.seed, data=o.data), inputs=inputs)
+                                                       seed=o.seed, data=o.data,
+                                                       offload=o.offload), inputs=inputs)
         scores = head_importance(graph, o.criterion, temporal_factor=o.temporal_factor,
                                  attentions=o.attentions, inputs=inputs, method=o.method,
-                                 probes=o.probes, seed=o.seed, roles=roles)
+                                 probes=o.probes, seed=o.seed, roles=roles, offload=o.offload)
         groups = _groups(roles, scores) if roles is not None else None
         return HeadImportance(o.criterion, scores, groups)
 
 
 def head_importance(graph, criterion: str = "role-aware", *, temporal_factor: float = 1.5,
                     attentions=None, inputs: list[dict] | None = None, method: str = "taylor",
-                    probes: int = 4, seed: int = 0,
-                    roles: HeadRoles | None = None) -> dict[str, torch.Tensor]:
+                    probes: int = 4, seed: int = 0, roles: HeadRoles | None = None,
+                    offload: str | None = None) -> dict[str, torch.Tensor]:
     """Importance of each head of `attentions` (default: every prunable one) by `criterion`.
 
     `inputs` (model kwargs) replaces the default calibration inputs; `roles` a head-roles result
     (default: `graph.analysis("head-roles")`, or head-roles on `inputs` when they are given).
+    `offload`: run on that device with one block's weights there at a time (calibration.py).
     """
     _check(criterion, temporal_factor, method, probes)
     names = _attention_names(graph, attentions)
@@ -155,10 +159,12 @@ def head_importance(graph, criterion: str = "role-aware", *, temporal_factor: fl
     own_inputs = inputs is not None
     if roles is None and criterion == "role-aware":
         # Roles first: a graph without a video token layout fails before the costly part.
-        roles = head_roles(graph, inputs=inputs) if own_inputs else graph.analysis("head-roles")
+        roles = head_roles(graph, HeadRolesOptions(offload=offload), inputs=inputs) \
+            if own_inputs or offload else graph.analysis("head-roles")
     if not own_inputs:
         inputs = calibration_inputs(graph)
-    sensitivity = head_sensitivity(graph, names, inputs, method=method, probes=probes, seed=seed)
+    sensitivity = head_sensitivity(graph, names, inputs, method=method, probes=probes, seed=seed,
+                                   offload=offload)
     if criterion == "sensitivity":
         return sensitivity
     return role_aware(sensitivity, _groups(roles, sensitivity), temporal_factor)
@@ -202,7 +208,8 @@ def head_magnitude(graph, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def head_sensitivity(graph, names: list[str], inputs: list[dict], *, method: str = "taylor",
-                     probes: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+                     probes: int = 4, seed: int = 0,
+                     offload: str | None = None) -> dict[str, torch.Tensor]:
     """S_h of the module docstring, per attention, on `inputs`."""
     from tqdm.auto import tqdm
 
@@ -224,13 +231,15 @@ def head_sensitivity(graph, names: list[str], inputs: list[dict], *, method: str
     masks = [masked.get_buffer(f"graphopt_head_mask_{i}") for i in range(len(names))]
     change = [torch.zeros(len(m), dtype=torch.float64) for m in masks]
     total = 0.0
+    run = (lambda x: masked(**x)) if offload is None else \
+        (lambda x: BlockOffload(graph, offload).run(masked, x))
     generator = torch.Generator().manual_seed(seed)
     for x in tqdm(inputs, desc=f"head sensitivity ({method})", unit="input", disable=None,
                   leave=False):
         if method == "taylor":
             for m in masks:
                 m.requires_grad_(True)
-            out = _first(masked(**x)).float()
+            out = _first(run(x)).float()
             total += float(out.detach().double().pow(2).sum())
             for k in range(probes):
                 r = torch.randn(out.shape, generator=generator).to(out.device)
@@ -240,12 +249,12 @@ def head_sensitivity(graph, names: list[str], inputs: list[dict], *, method: str
             del out
         else:
             with torch.no_grad():
-                ref = _first(masked(**x)).float()
+                ref = _first(run(x)).float()
                 total += float(ref.double().pow(2).sum())
                 for m, acc in zip(masks, change):
                     for h in range(len(m)):
                         m[h] = 0.0
-                        acc[h] += float((_first(masked(**x)).float() - ref).double().pow(2).sum())
+                        acc[h] += float((_first(run(x)).float() - ref).double().pow(2).sum())
                         m[h] = 1.0
     if total == 0.0:
         raise GraphoptError("the model output is zero on every calibration input: sensitivity "

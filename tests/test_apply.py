@@ -1,0 +1,233 @@
+"""`graphopt apply`: a recipe streamed onto a sharded diffusers checkpoint equals the in-memory
+compressed model, in bounded memory, and resumes after a kill without redoing finished shards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import diffusers
+import pytest
+import torch
+
+from graphopt import GraphoptError, capture, load, rel_error
+from graphopt.apply import apply_recipe, checkpoint_tensors
+from graphopt.cli import main
+from graphopt.families import build_model
+from graphopt.pass_manager import PassManager, get_pass
+
+from conftest import random_inputs
+
+# Mid-size Wan: 12 blocks of width 640, about 80 M parameters (≈ 320 MB of float32).
+MID_WAN = {"patch_size": [1, 2, 2], "num_attention_heads": 10, "attention_head_dim": 64,
+           "in_channels": 4, "out_channels": 4, "text_dim": 64, "freq_dim": 32,
+           "ffn_dim": 2560, "num_layers": 12, "rope_max_seq_len": 64}
+
+
+def _checkpoint(tmp, config, shard_size):
+    model = build_model("wan", config)
+    model.save_pretrained(tmp / "ckpt", max_shard_size=shard_size)
+    return model, tmp / "ckpt"
+
+
+def _compress(model, passes, path):
+    """The in-memory compressed graph, and its recipe saved at `path`."""
+    graph = capture(model)
+    PassManager(passes).run(graph)
+    graph.recipe.save(path)
+    return graph
+
+
+def _kept(graph, keep):
+    return {a.name: keep(a.heads) for a in graph.attentions.values()
+            if a.prunable and a.block is not None}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("apply")
+    config = dict(build_model("wan").config, num_layers=4)
+    return (tmp,) + _checkpoint(tmp, config, "60KB")
+
+
+def test_prune_and_drop_stream_to_graphopt_layout(tiny, capsys):
+    tmp, model, ckpt = tiny
+    assert len({s.file for s in checkpoint_tensors(ckpt).values()}) > 4
+    heads = _kept(capture(model), lambda n: [0, 2, 3])
+    graph = _compress(model, [get_pass("prune")(heads=heads), get_pass("drop")(removed=[1])],
+                      tmp / "r1.json")
+    assert main(["apply", str(tmp / "r1.json"), "--weights", str(ckpt), "-o",
+                 str(tmp / "out1")]) == 0
+    assert "graphopt layout (heads pruned" in capsys.readouterr().err
+    index = json.loads((tmp / "out1" / "model.safetensors.index.json").read_text())
+    assert not any(k.startswith("blocks.1.") for k in index["weight_map"])
+    loaded = load(tmp / "out1")
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(loaded(**x)[0], graph(**x)[0]) < 1e-6
+
+
+def test_drop_only_loads_with_diffusers_from_pretrained(tiny):
+    tmp, model, ckpt = tiny
+    graph = _compress(model, [get_pass("drop")(removed=[0, 2])], tmp / "r2.json")
+    apply_recipe(tmp / "r2.json", ckpt, tmp / "out2")
+    smaller = diffusers.WanTransformer3DModel.from_pretrained(tmp / "out2")
+    assert smaller.config.num_layers == 2 and len(smaller.blocks) == 2
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(smaller(**x)[0], graph(**x)[0]) < 1e-6
+
+
+def test_routed_recipe_loads_with_graphopt(tiny):
+    tmp, model, ckpt = tiny
+    heads = _kept(capture(model), lambda n: [1, 2])
+    graph = _compress(model, [get_pass("prune")(heads=heads),
+                              get_pass("route")(ranking=[3, 1, 2, 0], budget=0.8)],
+                      tmp / "r3.json")
+    apply_recipe(tmp / "r3.json", ckpt, tmp / "out3")
+    loaded = load(tmp / "out3")
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(loaded(**x)[0], graph(**x)[0]) < 1e-6
+
+
+def test_recipe_for_another_checkpoint_is_refused(tiny, tmp_path, capsys):
+    tmp, model, ckpt = tiny
+    other = build_model("wan", dict(model.config, num_layers=3))
+    _compress(other, [get_pass("drop")(removed=[0])], tmp_path / "r.json")
+    assert main(["apply", str(tmp_path / "r.json"), "--weights", str(ckpt), "-o",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_layers=3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_graph_needs_given_decisions():
+    graph = capture(build_model("wan", device="meta"))
+    with pytest.raises(GraphoptError, match="give the kept heads"):
+        get_pass("prune")(ratio=0.3).decide(graph)
+    with pytest.raises(GraphoptError, match="removed=\\[block indices\\]"):
+        get_pass("drop")(blocks=1).decide(graph)
+    PassManager([get_pass("prune")(heads={"blocks.0.attn1": [0, 1]}),
+                 get_pass("drop")(removed=[1]), get_pass("route")(ranking=[0])]).run(graph)
+    assert graph.is_meta and graph.recipe.steps[0]["decisions"]["original_heads"] == {
+        "blocks.0.attn1": 4}
+
+
+# ---- mid-size checkpoint, in a child process -------------------------------------------------
+
+def _apply_child(recipe, ckpt, out, *, kill_when_done=None):
+    """Run `graphopt apply` in a child; its peak RSS in bytes (None if killed on purpose)."""
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt.cli", "apply", str(recipe),
+                             "--weights", str(ckpt), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_when_done is not None:
+        journal = out.parent / f".{out.name}.partial" / "journal.json"
+        while proc.poll() is None:
+            try:
+                if len(json.loads(journal.read_text())["done"]) >= kill_when_done:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.002)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if kill_when_done is not None:
+        assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err}"
+        return None
+    assert proc.returncode == 0, err
+    return usage.ru_maxrss * 1024
+
+
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("apply_mid")
+    torch.manual_seed(0)
+    model, ckpt = _checkpoint(tmp, MID_WAN, "24MB")
+    heads = _kept(capture(build_model("wan", MID_WAN, "meta")), lambda n: list(range(0, n, 2)))
+    graph = _compress(model, [get_pass("prune")(heads=heads), get_pass("drop")(removed=[2, 5])],
+                      tmp / "recipe.json")
+    size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    return tmp, ckpt, graph, size
+
+
+@pytest.mark.slow
+def test_mid_size_apply_in_bounded_memory_equals_in_memory(mid):
+    tmp, ckpt, graph, size = mid
+    assert size > 300e6
+    baseline = _baseline_rss(tmp)
+    peak = _apply_child(tmp / "recipe.json", ckpt, tmp / "out")
+    largest = max(s.nbytes for s in checkpoint_tensors(ckpt).values())
+    # The streaming itself holds about two copies of the largest tensor, not the checkpoint.
+    assert peak - baseline < size / 8, (peak, baseline, size)
+    assert peak - baseline < 3 * largest + 64e6, (peak, baseline, largest)
+    loaded = load(tmp / "out")
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(loaded(**x)[0], graph(**x)[0]) < 1e-6
+
+
+def _baseline_rss(tmp) -> int:
+    """Peak RSS of a child that imports what `graphopt apply` imports and captures the same
+    architecture on the meta device: the part of apply's memory that is not streaming."""
+    code = ("import sys; from graphopt.apply import plan; from graphopt.recipe import Recipe;"
+            "from graphopt import families, capture;"
+            "r = Recipe.load(sys.argv[1]);"
+            "capture(families.build_from_recipe(r.model, 'meta'),"
+            " spec=families.spec_from_recipe(r.model, 'meta'))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp / "recipe.json")])
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_killed_apply_resumes_without_rewriting_finished_shards(mid):
+    tmp, ckpt, graph, _ = mid
+    out = tmp / "out_killed"
+    _apply_child(tmp / "recipe.json", ckpt, out, kill_when_done=2)
+    work = tmp / f".{out.name}.partial"
+    assert not out.exists()
+    done = json.loads((work / "journal.json").read_text())["done"]
+    for name, nbytes in done.items():     # what the journal lists is whole, under its final name
+        assert (work / name).stat().st_size == nbytes
+    stamps = {name: (work / name).stat().st_mtime_ns for name in done}
+    _apply_child(tmp / "recipe.json", ckpt, out)
+    assert {name: (out / name).stat().st_mtime_ns for name in done} == stamps
+    assert not work.exists() and not list(out.glob(".*.tmp"))
+    loaded = load(out)
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(loaded(**x)[0], graph(**x)[0]) < 1e-6
+
+
+def test_interrupted_apply_resumes_from_its_journal(tiny, tmp_path, monkeypatch):
+    import graphopt.apply as apply_module
+
+    _, model, ckpt = tiny
+    graph = _compress(model, [get_pass("drop")(removed=[3])], tmp_path / "r.json")
+    real, calls = apply_module._write_shard, []
+
+    def interrupted(path, *args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(path.name)
+        return real(path, *args)
+
+    monkeypatch.setattr(apply_module, "_write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_recipe(tmp_path / "r.json", ckpt, tmp_path / "out")
+    work = tmp_path / ".out.partial"
+    assert sorted(json.loads((work / "journal.json").read_text())["done"]) == sorted(calls)
+    assert not list(work.glob(".*.tmp")) and not (tmp_path / "out").exists()
+    stamps = {n: (work / n).stat().st_mtime_ns for n in calls}
+    monkeypatch.setattr(apply_module, "_write_shard", real)
+    apply_recipe(tmp_path / "r.json", ckpt, tmp_path / "out")
+    assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in calls} == stamps
+    smaller = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "out")
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(smaller(**x)[0], graph(**x)[0]) < 1e-6
