@@ -30,7 +30,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
-from graphopt.exporters.manifest import Segment, SegmentedManifest, next_name
+from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, next_name
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -99,7 +99,39 @@ class StepRecord:
     seconds: float
 
 
-class SegmentedModel:
+class TransformerFacade:
+    """What diffusers pipelines read from `pipe.transformer` (config, dtype, cache_context) and the
+    per-call records, shared by the ONNX-backed models. Subclasses set `_config` (a FrozenDict),
+    `_input_specs` (the model inputs), `_context` and `records`."""
+
+    @property
+    def config(self) -> Any:
+        """The source transformer's config (attribute and key access), e.g. `config.in_channels`."""
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype pipelines should cast latents to: that of `hidden_states` (else the first float input)."""
+        specs = sorted(self._input_specs, key=lambda t: t.name != "hidden_states")
+        for spec in specs:
+            if spec.dtype.startswith(("float", "bfloat")):
+                return TORCH_DTYPES[spec.dtype]
+        return torch.float32
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **_: Any) -> Iterator[None]:
+        """diffusers' cache-hook entry point; here it only labels the StepRecords made inside it."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def reset_records(self) -> None:
+        self.records.clear()
+
+
+class SegmentedModel(TransformerFacade):
     """A segmented export behind a diffusers-transformer call signature.
 
     `force_gates`: None (the router decides), "all" (every block runs), or a bool mask of shape
@@ -131,31 +163,7 @@ class SegmentedModel:
         self.force_gates = force_gates
         self._stream_specs = [manifest.stream_spec(s) for s in manifest.stream]
         self._config = FrozenDict(manifest.config)
-
-    # -- what diffusers pipelines look at ---------------------------------------------------------
-
-    @property
-    def config(self) -> Any:
-        """The source transformer's config (attribute and key access), e.g. `config.in_channels`."""
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype pipelines should cast latents to: that of `hidden_states` (else the first float input)."""
-        specs = sorted(self.manifest.inputs, key=lambda t: t.name != "hidden_states")
-        for spec in specs:
-            if spec.dtype.startswith(("float", "bfloat")):
-                return TORCH_DTYPES[spec.dtype]
-        return torch.float32
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str, **_: Any) -> Iterator[None]:
-        """diffusers' cache-hook entry point; here it only labels the StepRecords made inside it."""
-        previous, self._context = self._context, name
-        try:
-            yield
-        finally:
-            self._context = previous
+        self._input_specs = manifest.inputs
 
     # -- gates -------------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class SegmentedModel:
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         if args:
             raise GraphoptError("call the segmented model with keyword arguments (hidden_states=..., timestep=...)")
-        feeds = self._model_feeds(kwargs)
+        feeds = model_feeds(self.manifest.inputs, self.manifest.batch_dim, self.device, kwargs, "segmented model")
         outputs = self.forward(feeds)
         values = tuple(outputs[spec.name] for spec in self.manifest.outputs)
         if return_dict:
@@ -248,49 +256,51 @@ class SegmentedModel:
         )
         return outputs
 
-    def _model_feeds(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        specs = self.manifest.inputs
-        tensors = {}
-        for spec in specs:
-            if kwargs.get(spec.name) is None:
-                raise GraphoptError(
-                    f"the segmented model needs '{spec.name}' ({spec.describe()}); the call did not pass it"
-                )
-            tensors[spec.name] = torch.as_tensor(kwargs[spec.name])
-        batched = [s for s in specs if s.shape[:1] == (self.manifest.batch_dim,)]
-        batch = next((int(tensors[s.name].shape[0]) for s in batched if tensors[s.name].dim() == len(s.shape)), None)
-        feeds: dict[str, torch.Tensor] = {}
-        for spec in specs:
-            tensor = tensors[spec.name]
-            if tensor.dim() == 0 and spec.shape == (self.manifest.batch_dim,) and batch is not None:
-                # Pipelines may pass one timestep for the whole batch; the graph wants one per sample.
-                tensor = tensor.expand(batch)
-            if tensor.dim() != len(spec.shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(spec.shape, tensor.shape)
-            ):
-                raise GraphoptError(
-                    f"'{spec.name}' has shape {list(tensor.shape)}, but the export expects {list(spec.shape)}; "
-                    "re-export for this resolution/frame count or pass inputs of the exported shape"
-                )
-            feeds[spec.name] = tensor.to(device=self.device, dtype=TORCH_DTYPES[spec.dtype])
-        known = {spec.name for spec in specs}
-        extra = sorted(
-            k for k, v in kwargs.items()
-            if k not in known and v is not None and not (k in _IGNORABLE_WHEN_EMPTY and not v)
-        )
-        if extra:
-            raise GraphoptError(
-                f"the segmented export has no input for {extra}; its inputs are "
-                f"{[s.name for s in specs]} (re-export with these arguments, or drop them)"
-            )
-        return feeds
-
-    def reset_records(self) -> None:
-        self.records.clear()
-
     def runner_calls(self) -> dict[str, int]:
         """How many times each segment ran since loading, keyed by its file stem."""
         return {r.segment.label: r.calls for r in (self.prologue, *self.blocks, self.epilogue)}
+
+
+def model_feeds(
+    specs: Sequence[TensorSpec], batch_dim: str, device: torch.device, kwargs: Mapping[str, Any], what: str
+) -> dict[str, torch.Tensor]:
+    """A diffusers-style call's keyword arguments as the graph's named inputs, checked against `specs`,
+    on `device` in the declared dtypes (a 0-d timestep is expanded to the batch). `what` names the
+    model in errors."""
+    tensors = {}
+    for spec in specs:
+        if kwargs.get(spec.name) is None:
+            raise GraphoptError(
+                f"the {what} needs '{spec.name}' ({spec.describe()}); the call did not pass it"
+            )
+        tensors[spec.name] = torch.as_tensor(kwargs[spec.name])
+    batched = [s for s in specs if s.shape[:1] == (batch_dim,)]
+    batch = next((int(tensors[s.name].shape[0]) for s in batched if tensors[s.name].dim() == len(s.shape)), None)
+    feeds: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        tensor = tensors[spec.name]
+        if tensor.dim() == 0 and spec.shape == (batch_dim,) and batch is not None:
+            # Pipelines may pass one timestep for the whole batch; the graph wants one per sample.
+            tensor = tensor.expand(batch)
+        if tensor.dim() != len(spec.shape) or any(
+            isinstance(d, int) and d != s for d, s in zip(spec.shape, tensor.shape)
+        ):
+            raise GraphoptError(
+                f"'{spec.name}' has shape {list(tensor.shape)}, but the export expects {list(spec.shape)}; "
+                "re-export for this resolution/frame count or pass inputs of the exported shape"
+            )
+        feeds[spec.name] = tensor.to(device=device, dtype=TORCH_DTYPES[spec.dtype])
+    known = {spec.name for spec in specs}
+    extra = sorted(
+        k for k, v in kwargs.items()
+        if k not in known and v is not None and not (k in _IGNORABLE_WHEN_EMPTY and not v)
+    )
+    if extra:
+        raise GraphoptError(
+            f"the {what} has no input for {extra}; its inputs are "
+            f"{[s.name for s in specs]} (re-export with these arguments, or drop them)"
+        )
+    return feeds
 
 
 def run_all_segments(

@@ -168,7 +168,9 @@ def _from_module(model: torch.nn.Module, example_inputs, spec, dynamic_batch, la
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None)
+        # Non-tensor inputs (LTX's rope_interpolation_scale tuple) get a spec of their own structure.
+        dynamic = {k: {0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else
+                   torch.utils._pytree.tree_map(lambda _: None, v)
                    for k, v in example_inputs.items()}
     try:
         ep = torch.export.export(model, (), example_inputs, strict=False, dynamic_shapes=dynamic)

@@ -1,0 +1,721 @@
+"""ONNX export of a (compressed) DiTGraph, in two layouts, and loading it back into onnxruntime.
+
+`export_onnx(graph, out_dir, layout="single")` writes `out_dir/model.onnx`: the whole model, router
+included, each routed block an ONNX `If` (from its `torch.cond`), so a block whose gate is off for
+every sample of the batch costs nothing; per-sample gates are applied with `Where`, as in PyTorch.
+Outputs: `sample` and, for a routed model, `gates` (bool [batch, n_routed], what the router chose),
+so a runtime can report which blocks ran. The file's metadata holds the source config
+(`graphopt.config`) and which gate column each block reads (`graphopt.blocks`).
+
+`export_onnx(graph, out_dir, layout="segmented")` writes the layout of `manifest.py` (read its
+docstring): the top-level graph is cut into a prologue (everything up to the first block, the router
+-> `gates` included), one file per block (a routed block's conditional branch) and an epilogue. Cut
+rules, checked with a GraphoptError naming the node where they fail:
+- every block reads the stream the previous block wrote, nothing computed in between (glue between
+  blocks that depends on the stream, as in a model that re-projects its stream halfway, has no
+  place in the contract: use the single layout);
+- a block's other inputs (timestep projections, rotary tables, text states) do not depend on the
+  stream, so the prologue computes them once; the router reads the stream entering the first block;
+- a size read from a tensor (dynamic batch) is recomputed inside the segment that needs it, from
+  a tensor it receives, so only tensors cross the boundaries.
+
+Shapes: the batch axis is dynamic ("batch"); frames, height, width and text length stay those of
+the capture (Wan's rotary table and unpatchify constants are specialized by torch.export at capture
+time, so the files are valid for that latent size). A graph captured with a static batch is
+re-captured with a symbolic one (architecture from its recipe, weights and router copied) at batch 2:
+torch.export specializes a batch of 1. Opset 20 by default: from opset 23 the exporter emits the
+fused `Attention` op, which TensorRT fails to build inside an `If` (see trt_check).
+
+`load_onnx(path)` returns a callable with the diffusers transformer's call signature for either
+layout (`SegmentedModel` or `SingleFileModel`), recording per call the blocks that ran and the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import operator
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from graphopt.dropin import FacadeModel, fixed_inputs
+from graphopt.errors import GraphoptError
+from graphopt.exporters.manifest import (
+    DimRange,
+    Segment,
+    SegmentedManifest,
+    next_name,
+)
+
+LAYOUTS = ("single", "segmented")
+DEFAULT_OPSET = 20
+SINGLE_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+OUTPUT_NAME = "sample"
+GATES_NAME = "gates"
+BATCH = "batch"
+# TensorRT optimization-profile range written for the batch axis: min 1, opt 2 (one CFG pair), max 8.
+BATCH_RANGE = DimRange(1, 2, 8)
+META_CONFIG, META_BLOCKS, META_FIXED = "graphopt.config", "graphopt.blocks", "graphopt.fixed_inputs"
+_EXPORT_BATCH = 2
+
+aten = torch.ops.aten
+_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, operator.add, operator.sub,
+             operator.mul, operator.floordiv, operator.mod, operator.neg, operator.truediv, torch.sym_int,
+             torch.sym_max, torch.sym_min, torch.sym_float}
+# Ops that may return their input unchanged: recomputed where used, so no segment outputs an alias.
+_MAY_ALIAS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.contiguous.default,
+              aten.type_as.default, aten.flatten.using_ints, aten.alias.default}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.int8: "int8",
+                torch.uint8: "uint8", torch.bool: "bool"}
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def export_onnx(graph, out_dir: str | os.PathLike, *, layout: str = "single", dynamic: bool = True,
+                opset: int | None = None) -> Path:
+    """Export `graph` (a DiTGraph: plain, pruned, dropped and/or routed) to ONNX under `out_dir`.
+
+    Returns the path to load: `out_dir/model.onnx` (single) or `out_dir/manifest.json` (segmented).
+    `out_dir` is written whole or not at all (assembled in a temporary folder next to it, then
+    renamed over it). The router decides the gates in the exported graph (a `force_gates` set on
+    the module is not exported). `dynamic=False` keeps the captured batch (single layout only: the
+    segmented contract selects samples along a named batch axis).
+    """
+    if layout not in LAYOUTS:
+        raise GraphoptError(f"ONNX layout '{layout}' unknown; choose one of {LAYOUTS}")
+    if layout == "segmented" and not dynamic:
+        raise GraphoptError("the segmented layout needs a dynamic batch axis (its gates select samples "
+                            "along it): use dynamic=True, or layout='single' for a fixed batch")
+    if graph.is_meta:
+        raise GraphoptError(
+            "this graph has no weights (meta device): ONNX export runs the graph on example inputs to "
+            "trace every segment, which meta tensors cannot do. Export a graph with weights (graphopt.load "
+            "the compressed folder, or stream the weights in first)")
+    _import_onnx_exporter()
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    source = _exportable(graph, dynamic)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)        # mkdtemp makes it private; the export is an ordinary output folder
+        if layout == "single":
+            _export_single(source, tmp / SINGLE_FILE, dynamic, opset)
+            result = SINGLE_FILE
+        else:
+            _export_segmented(source, tmp, opset)
+            result = MANIFEST_FILE
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / result
+
+
+def _import_onnx_exporter() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise GraphoptError("ONNX export needs onnx and onnxscript: pip install 'graphopt[onnx]'") from exc
+
+
+def _exportable(graph, dynamic: bool):
+    """A copy of `graph` ready to trace: router deciding, in eval mode; symbolic batch if `dynamic`."""
+    if dynamic and not _has_symbolic_batch(graph):
+        graph = _recapture_dynamic(graph)
+    else:
+        graph = graph.copy()
+    router = getattr(graph.gm, "router", None)
+    if router is not None:
+        router.eval()
+        router.force_gates = None
+        router.record = False
+    return graph
+
+
+def _has_symbolic_batch(graph) -> bool:
+    latent = _latent_name(graph)
+    node = next((p for p in graph.placeholders() if p.name == latent), None)
+    val = node.meta.get("val") if node is not None else None
+    return isinstance(val, torch.Tensor) and isinstance(val.shape[0], torch.SymInt)
+
+
+def _latent_name(graph) -> str:
+    return graph.family.latent_input if graph.family is not None else "hidden_states"
+
+
+def _recapture_dynamic(graph):
+    """Re-capture `graph`'s architecture with a symbolic batch, replay its recipe, copy its weights."""
+    from graphopt import families
+    from graphopt.capture import capture
+    from graphopt.serialize import state_dict
+
+    if graph.family is None or not graph.recipe.model.get("config"):
+        raise GraphoptError(
+            f"cannot make the batch of '{graph.source}' dynamic: it was not captured from a known model "
+            "family (e.g. a .pt2 archive). Capture it with graphopt.capture(..., dynamic_batch=True) at a "
+            "batch of 2, or export with dynamic=False")
+    spec = graph.spec or families.spec_from_recipe(graph.recipe.model)
+    spec = dataclasses.replace(spec, batch=_EXPORT_BATCH)
+    device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))
+    model = families.build_from_recipe(graph.recipe.model, device="meta").to_empty(device=device)
+    new = capture(model, spec=spec, dynamic_batch=True)
+    graph.recipe.replay(new)
+    weights = state_dict(graph)
+    expected = state_dict(new)
+    if set(weights) != set(expected):
+        raise GraphoptError(
+            "replaying the recipe on a dynamic-batch capture gave other weights than the graph holds "
+            f"(e.g. {sorted(set(weights) ^ set(expected))[:3]}); export with dynamic=False")
+    for name, value in weights.items():
+        new.set_param(name, value.detach())
+    if hasattr(graph.gm, "router"):
+        import copy
+
+        new.gm.router = copy.deepcopy(graph.gm.router)    # budget, mode and weights as trained
+    new.example_inputs = graph.family.example_inputs(graph.recipe.model["config"], spec)
+    new.refresh()
+    return new
+
+
+def _tensor_inputs(graph) -> dict[str, torch.Tensor]:
+    """The example inputs that become graph inputs (tensors), in placeholder order."""
+    names = [p.name for p in graph.placeholders()]
+    inputs = {k: v for k, v in graph.example_inputs.items() if isinstance(v, torch.Tensor)}
+    return {k: inputs[k] for k in names if k in inputs}
+
+
+class _Named(torch.nn.Module):
+    """A positional forward whose parameters carry the input names (ONNX names its inputs after them).
+
+    keyword: `module(name_0=t_0, ..., **fixed)` (a captured model); else `module(t_0, ...)` (a segment).
+    Returns `pick(result)`.
+    """
+
+    def __init__(self, module, names: Sequence[str], fixed: Mapping[str, Any], pick, keyword: bool):
+        super().__init__()
+        self.module = module
+        self.names = list(names)
+        self.fixed = dict(fixed)
+        self.pick = pick
+        self.keyword = keyword
+
+    def forward(self, *tensors):
+        if self.keyword:
+            return self.pick(self.module(**dict(zip(self.names, tensors)), **self.fixed))
+        return self.pick(self.module(*tensors))
+
+
+def _named(module, names: Sequence[str], *, fixed: Mapping[str, Any] | None = None, pick=None,
+           keyword: bool = False) -> torch.nn.Module:
+    import types
+
+    # torch.export binds inputs through inspect.signature(forward): one parameter per name, on a
+    # per-call subclass so the signatures of two exports never mix.
+    forward = types.FunctionType(_Named.forward.__code__, _Named.forward.__globals__, "forward")
+    p = inspect.Parameter
+    forward.__signature__ = inspect.Signature(
+        [p("self", p.POSITIONAL_OR_KEYWORD)] + [p(n, p.POSITIONAL_OR_KEYWORD) for n in names])
+    cls = type("Forward", (_Named,), {"forward": forward})
+    return cls(module, names, fixed or {}, pick or (lambda out: out), keyword)
+
+
+def _onnx_export(module: torch.nn.Module, args: tuple, names: Sequence[str], batch_axes: Sequence[Sequence[int]],
+                 output_names: Sequence[str], opset: int, where: str):
+    """torch.onnx.export (dynamo) with the batch axis of each input named BATCH; returns the ONNXProgram."""
+    dynamic_shapes = None
+    if any(batch_axes):
+        batch = torch.export.Dim(BATCH, min=1, max=1024)
+        dynamic_shapes = tuple({axis: batch for axis in axes} or None for axes in batch_axes)
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                output_names=list(output_names), optimize=True, verbose=False, report=False)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # the exporter raises many types; name the segment and the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphoptError(f"torch.onnx.export failed on {where}: {first}") from exc
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+def _save(program, path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write an ONNXProgram (external data beside it when the weights pass 2 GB) and check it."""
+    import onnx
+
+    for key, value in (metadata or {}).items():
+        program.model.metadata_props[key] = value
+    program.save(str(path))          # onnxscript moves weights to `<name>.data` above 2 GB
+    onnx.checker.check_model(str(path))
+
+
+def block_table(graph) -> list[dict]:
+    """[{"block": i, "gate": column or None}] in execution order, from the units of the graph."""
+    return [{"block": u.index, "gate": u.gate} for u in _units(graph)]
+
+
+def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
+    from tqdm.auto import tqdm
+
+    inputs = _tensor_inputs(graph)
+    names = list(inputs)
+    routed = hasattr(graph.gm, "router")
+    gm = graph.gm
+    if routed:
+        add_gates_output(gm, gates_node(graph))
+    output_names = [OUTPUT_NAME] + ([GATES_NAME] if routed else [])
+    pick = (lambda out: (out[0], out[-1])) if routed else (lambda out: out[0])
+    module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
+    batch_axes = [[0] if dynamic and v.dim() > 0 else [] for v in inputs.values()]
+    with tqdm(total=1, desc="ONNX export (single file)", unit="file", leave=False) as bar:
+        program = _onnx_export(module, tuple(inputs.values()), names, batch_axes, output_names, opset,
+                               "the whole model")
+        fixed = {k: v for k, v in fixed_inputs(graph).items() if k != "return_dict"}
+        _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(block_table(graph)),
+                              META_FIXED: json.dumps(fixed, default=list)})
+        bar.update()
+
+
+def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
+    """Append bool(gates > 0.5) to the graph's output tuple (the router's hard decisions)."""
+    g = gm.graph
+    out = g.output_node()
+    with g.inserting_before(out):
+        hard = g.call_function(aten.gt.Scalar, (gates, 0.5))
+    values = tuple(out.args[0])
+    out.args = ((*values, hard),)
+    codegen = g._codegen
+    if getattr(codegen, "pytree_info", None) is not None:      # an exported module rebuilds its outputs
+        from torch.utils import _pytree as pytree
+
+        spec = pytree.tree_structure(tuple(range(len(values) + 1)))
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=spec)
+    gm.recompile()
+
+
+def _config_json(graph) -> str:
+    return json.dumps(_jsonable_config(graph.config))
+
+
+def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(dict(config), default=lambda _: None)).items()}
+
+
+# -- the segmented layout -------------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """One block as the top-level graph holds it. Routed: the cond node, its run branch and the
+    per-sample selects (`gate_stream`) that are its stream outputs; plain: the block's own nodes."""
+
+    index: int
+    name: str
+    first: fx.Node                          # its first node in the graph (for ordering)
+    stream_in: list[fx.Node]
+    stream_out: list[fx.Node]
+    gate: int | None = None
+    body: fx.GraphModule | None = None      # routed: the conditional's run branch
+    operands: list[fx.Node] = field(default_factory=list)   # routed: the cond's operands
+    members: list[fx.Node] = field(default_factory=list)    # plain: the block's nodes
+
+
+def _units(graph) -> list[_Unit]:
+    """Blocks in execution order: routed ones (cond nodes) and plain ones (graph.blocks)."""
+    from graphopt.router import cond_block, gate_stream
+
+    gm = graph.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not cond_block:
+            continue
+        name = n.meta.get("graphopt_routed_block", n.name)
+        outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
+        mixed = []
+        for k in range(len(outputs)):
+            selects = [u for u in outputs[k].users if u.target is gate_stream]
+            if len(selects) != 1 or len(outputs[k].users) != 1:
+                raise GraphoptError(f"routed block '{name}': its output {k} is not gated exactly once; "
+                                    "export the graph as the route pass wrote it")
+            mixed.append(selects[0])
+        gate, rows = mixed[0].args[1], mixed[0].args[2]
+        if rows != 1:
+            raise GraphoptError(
+                f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
+                "whole samples along axis 0 of the stream: use layout='single'")
+        units.append(_Unit(-1, name, n, [m.args[4] for m in mixed], mixed, gate=gate,
+                           body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
+    for block in graph.blocks:
+        members = graph._nodes(block.nodes)
+        units.append(_Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
+                           [graph.node(s) for s in block.stream_out], members=members))
+    units.sort(key=lambda u: order[u.first])
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
+def gates_node(graph) -> fx.Node:
+    """The router's per-sample gates (float, batch x routed blocks): getitem(router(...), 0)."""
+    for n in graph.gm.graph.nodes:
+        if n.op == "call_module" and n.target == "router":
+            for u in n.users:
+                if u.target is operator.getitem and u.args[1] == 0:
+                    return u
+    raise GraphoptError("the graph has a router module but no call to it; export the graph as route wrote it")
+
+
+class _Cut:
+    """Builds one segment's fx graph: copies `compute` nodes; what they read from outside becomes a
+    named input, except weights (copied as attributes), sizes and no-op casts (recomputed inside)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[tuple[str, fx.Node]] = []      # (name, source node in the parent graph)
+
+    def bind(self, node: fx.Node, name: str) -> None:
+        """Make parent value `node` an input of this segment called `name`."""
+        ph = self.graph.placeholder(name)
+        ph.meta.update({k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta})
+        self.env[node] = ph
+        self.inputs.append((name, node))
+
+    def pull(self, node: fx.Node, boundary) -> fx.Node:
+        """The segment's value of parent node `node`; `boundary(node)` names it when it is an input."""
+        if node in self.env:
+            return self.env[node]
+        if node.op == "get_attr":
+            self.env[node] = self.graph.get_attr(node.target)
+        elif node.op == "placeholder" and not isinstance(node.meta.get("val"), torch.Tensor):
+            return node.meta.get("val")      # a non-tensor input torch.export specialized
+        else:
+            name = None if _recomputable(node) else boundary(node)
+            if name is not None:
+                self.bind(node, name)
+            else:
+                self.copy(node, boundary)
+        return self.env[node]
+
+    def copy(self, node: fx.Node, boundary) -> fx.Node:
+        for a in node.all_input_nodes:
+            self.pull(a, boundary)
+        self.env[node] = self.graph.node_copy(node, lambda a: self.pull(a, boundary))
+        return self.env[node]
+
+    def module(self, outputs: Sequence[fx.Node]) -> fx.GraphModule:
+        """The segment as a module returning `outputs` (nodes of this segment's graph)."""
+        self.graph.output(tuple(outputs))
+        module = fx.GraphModule(self.gm, self.graph)
+        module.graph.eliminate_dead_code()
+        module.recompile()
+        return module
+
+
+def _recomputable(node: fx.Node) -> bool:
+    """Sizes (cond and ONNX segment boundaries carry tensors only) and casts that may alias."""
+    if node.op != "call_function":
+        return False
+    if node.target in _SIZE_OPS:
+        return True
+    return node.target in _MAY_ALIAS and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+@dataclass
+class _SegmentPlan:
+    """One segment to export: its fx module, its inputs (name, parent node whose value feeds it), and
+    the names of its outputs in the module's output order."""
+
+    kind: str
+    file: str
+    module: fx.GraphModule
+    inputs: list[tuple[str, fx.Node]]
+    outputs: list[str]
+    block: int | None = None
+    gate: int | None = None
+
+
+def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
+    """Cut the graph into prologue, blocks, epilogue; returns (plans, stream names, gates name)."""
+    gm = graph.gm
+    units = _units(graph)
+    if not units:
+        raise GraphoptError("the graph has no blocks: nothing to segment (export it with layout='single')")
+    taken = {n.name for n in gm.graph.nodes}
+    width = len(units[0].stream_in)
+    stream = [_free_name("stream" if width == 1 else f"stream_{j}", taken) for j in range(width)]
+    gates = _free_name(GATES_NAME, taken) if any(u.gate is not None for u in units) else None
+    writer = {o: u for u in units for o in u.stream_out}
+    model_inputs = [p for p in graph.placeholders() if isinstance(p.meta.get("val"), torch.Tensor)]
+
+    # Stream names follow each block's in -> out pairing; each block must read what the last wrote.
+    stream_of = {n: stream[j] for j, n in enumerate(units[0].stream_in)}
+    for prev, unit in zip([None, *units], units):
+        if prev is not None and (set(unit.stream_in) != set(prev.stream_out) or len(unit.stream_in) != width):
+            raise GraphoptError(
+                f"block '{unit.name}' reads {[n.name for n in unit.stream_in]} but '{prev.name}' writes "
+                f"{[n.name for n in prev.stream_out]}: something runs on the stream between them, which the "
+                "segmented contract has no place for; export with layout='single'")
+        for n_in, n_out in zip(unit.stream_in, unit.stream_out):
+            stream_of[n_out] = stream_of[n_in]
+
+    side: dict[fx.Node, None] = {}       # values the prologue hands to blocks and epilogue (ordered set)
+
+    def needs_prologue(reader: str, allow_stream: bool = False):
+        def boundary(node: fx.Node) -> str | None:
+            if node.op == "placeholder":
+                return node.name
+            if node in writer:
+                raise GraphoptError(
+                    f"{reader} reads '{node.name}', computed from the stream by block '{writer[node].name}'; "
+                    "the segmented contract feeds a segment the stream plus values computed before the first "
+                    "block: export with layout='single'")
+            if allow_stream and not _before_blocks(node, writer):
+                return None         # the epilogue computes what depends on the final stream itself
+            side[node] = None
+            return _side_name(node)
+        return boundary
+
+    plans: list[_SegmentPlan] = []
+    for unit in units:
+        cut = _Cut(gm)
+        for node in unit.stream_in:
+            cut.bind(node, stream_of[node])
+        boundary = needs_prologue(f"block '{unit.name}'")
+        if unit.body is not None:
+            outputs = _inline_branch(cut, unit, boundary)
+        else:
+            for m in unit.members:
+                if m not in cut.env:
+                    cut.copy(m, boundary)
+            outputs = [cut.env[o] for o in unit.stream_out]
+        by_name = {stream_of[o]: v for o, v in zip(unit.stream_out, outputs)}
+        plans.append(_SegmentPlan("block", f"block_{unit.index:02d}.onnx", cut.module([by_name[s] for s in stream]),
+                                  cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate))
+
+    epi = _Cut(gm)
+    for node in units[-1].stream_out:
+        epi.bind(node, stream_of[node])
+    boundary = needs_prologue("the model's output", allow_stream=True)
+    results = list(gm.graph.output_node().args[0])
+    values = [epi.pull(r, boundary) for r in results]
+    names = [OUTPUT_NAME] + [f"output_{k}" for k in range(1, len(results))]
+    epilogue = _SegmentPlan("epilogue", "epilogue.onnx", epi.module(values), epi.inputs, names)
+
+    pro = _Cut(gm)
+    for node in model_inputs:
+        pro.bind(node, node.name)
+
+    def inside_prologue(node: fx.Node) -> None:
+        return None     # everything the prologue needs it computes from the model inputs
+
+    soft_gates = gates_node(graph) if gates is not None else None
+    if soft_gates is not None and not _before_blocks(soft_gates, writer):
+        raise GraphoptError(
+            "the router reads the stream after the first block (the first routed block is not the "
+            "first block); the segmented layout decides every gate in the prologue: route from the "
+            "first block, or export with layout='single'")
+    values = [pro.pull(n, inside_prologue) for n in units[0].stream_in]
+    names = list(stream)
+    if gates is not None:
+        soft = pro.pull(soft_gates, inside_prologue)
+        values.append(pro.graph.call_function(aten.gt.Scalar, (soft, 0.5)))
+        names.append(gates)
+    for node in side:
+        values.append(pro.pull(node, inside_prologue))
+        names.append(_side_name(node))
+    prologue = _SegmentPlan("prologue", "prologue.onnx", pro.module(values), pro.inputs, names)
+    return [prologue, *plans, epilogue], stream, gates
+
+
+def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, _Unit]) -> bool:
+    """True when `node` does not depend on any block's output (the prologue can compute it)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in writer:
+            return False
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _inline_branch(cut: _Cut, unit: _Unit, boundary) -> list[fx.Node]:
+    """Copy a routed block's run branch into `cut`, its placeholders bound to the cond's operands."""
+    env: dict[fx.Node, Any] = {}
+    placeholders = [n for n in unit.body.graph.nodes if n.op == "placeholder"]
+    for ph, operand in zip(placeholders, unit.operands):
+        env[ph] = cut.pull(operand, boundary)
+    for n in unit.body.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            return [env[o] for o in n.args[0]]
+        env[n] = cut.graph.node_copy(n, lambda a: env[a])
+    raise GraphoptError(f"routed block '{unit.name}': its branch has no output")
+
+
+def _side_name(node: fx.Node) -> str:
+    """A side tensor's name: prefixed, so it never meets a value name the ONNX exporter makes up."""
+    return f"side_{node.name}"
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def _example_values(graph, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """Values of `wanted` parent nodes on the graph's example inputs."""
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out
+            return out
+
+    values: dict[fx.Node, torch.Tensor] = {}
+    with torch.no_grad():
+        Recorder(graph.gm).run(*graph.flat_inputs(graph.example_inputs))
+    return values
+
+
+def _batch_axes(node: fx.Node, batch: Any) -> list[int]:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return []
+    return [a for a, d in enumerate(val.shape) if isinstance(d, torch.SymInt) and d.node.expr == batch]
+
+
+def _export_segmented(graph, out: Path, opset: int) -> None:
+    from tqdm.auto import tqdm
+
+    plans, stream, gates = _plan_segments(graph)
+    latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
+    batch = latent.meta["val"].shape[0].node.expr
+    values = _example_values(graph, {node for plan in plans for _, node in plan.inputs})
+    segments = []
+    for plan in tqdm(plans, desc="ONNX export (segments)", unit="file", leave=False):
+        names = [name for name, _ in plan.inputs]
+        args = tuple(values[node] for _, node in plan.inputs)
+        axes = [_batch_axes(node, batch) for _, node in plan.inputs]
+        module = _named(plan.module, names)
+        program = _onnx_export(module, args, names, axes, plan.outputs, opset, f"segment {plan.file}")
+        _save(program, out / plan.file)
+        declared = Segment.from_onnx(out / plan.file)
+        segments.append(Segment(plan.kind, plan.file, declared.inputs, declared.outputs, plan.block, plan.gate))
+    readers = {spec.name: spec for seg in segments for spec in seg.inputs}
+    model_inputs = [readers[p.name] for p in graph.placeholders() if p.name in readers]
+    manifest = SegmentedManifest(
+        inputs=tuple(model_inputs), outputs=segments[-1].outputs, stream=tuple(stream), gates=gates,
+        segments=tuple(segments), dims={BATCH: BATCH_RANGE}, batch_dim=BATCH,
+        config=_jsonable_config(graph.config))
+    manifest.save(out / MANIFEST_FILE).chmod(0o644)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_onnx(path: str | os.PathLike, *, providers: Sequence[Any] | None = None, device: str | torch.device = "cpu",
+              session_options: Any = None):
+    """A diffusers-transformer stand-in over an export: `model(hidden_states=..., timestep=...,
+    encoder_hidden_states=..., return_dict=False)[0]`, with `.config`, `.dtype`, `.cache_context` and
+    `.records` (one StepRecord per call: blocks executed and skipped, gates, seconds).
+
+    `path`: a folder written by `export_onnx` (manifest.json → segmented, model.onnx → single file),
+    a manifest.json, or a .onnx file. `providers`: onnxruntime execution providers (default: CPU, or
+    the CUDA EP on the device's index when `device` is cuda); `session_options`: an
+    onnxruntime.SessionOptions for every session (threads, graph optimization level).
+    """
+    from graphopt.exporters.ort_runner import OrtBackend
+    from graphopt.exporters.runtime import SegmentedModel
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / MANIFEST_FILE, path / SINGLE_FILE]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise GraphoptError(f"'{path}' holds neither {MANIFEST_FILE} nor {SINGLE_FILE}: point at a folder "
+                                "written by graphopt.exporters.onnx.export_onnx (or `graphopt export`)")
+        path = found
+    if not path.is_file():
+        raise GraphoptError(f"ONNX export not found: {path}")
+    if path.suffix == ".json":
+        return SegmentedModel(path, backend=OrtBackend(providers, session_options), device=device)
+    if path.suffix != ".onnx":
+        raise GraphoptError(f"'{path}' is neither a manifest.json nor a .onnx file")
+    return SingleFileModel(path, providers=providers, device=device, session_options=session_options)
+
+
+class SingleFileModel(FacadeModel):
+    """A single-file export (router and If blocks inside) in onnxruntime, called like the transformer.
+
+    The router runs inside the graph; its `gates` output tells which blocks ran (a routed block runs
+    when any sample of the batch needs it), recorded per call. Forcing gates needs a re-export.
+    """
+
+    what = "ONNX model"
+
+    def __init__(self, path: str | os.PathLike, *, providers: Sequence[Any] | None = None,
+                 device: str | torch.device = "cpu", session_options: Any = None):
+        import onnx
+
+        from graphopt.exporters.ort_runner import OrtRunner
+
+        path = Path(path)
+        segment = Segment.from_onnx(path)
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if META_BLOCKS not in meta:
+            raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
+                                "re-export it")
+        super().__init__(json.loads(meta.get(META_CONFIG, "{}")), segment.inputs,
+                         json.loads(meta[META_BLOCKS]))
+        self.device = torch.device(device)
+        self.runner = OrtRunner(path, segment, self.device, providers, session_options)
+        self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
+        self.outputs = [spec.name for spec in segment.outputs if spec.name != GATES_NAME]
+        self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
+
+    def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        for name, value in self.fixed.items():
+            given = kwargs.pop(name, None)
+            if given is not None and json.loads(json.dumps(given, default=list)) != value:
+                raise GraphoptError(f"this ONNX model was exported for {name}={value}, the call passes {given!r}: "
+                                    "re-export at this size")
+        return super().__call__(*args, return_dict=return_dict, **kwargs)
+
+    def _run(self, feeds):
+        out = self.runner(feeds)
+        gates = out[GATES_NAME].cpu().numpy() if self.routed else None
+        return tuple(out[name] for name in self.outputs), gates
