@@ -3,11 +3,7 @@
 Small enough for 2 CPU cores, large enough that matmuls (not Python overhead) dominate a step:
 8 blocks, width 256, latent 16 × 4 × 16 × 16 (256 video tokens).
 """
-import statistics
-import time
-
-import torch
-
+from graphopt.bench import interleaved_latency  # noqa: F401  (the benchmarks' shared timer)
 from graphopt.families import InputSpec
 
 WAN_SMALL = {
@@ -16,21 +12,3 @@ WAN_SMALL = {
     "freq_dim": 256, "ffn_dim": 1024, "num_layers": 8, "rope_max_seq_len": 1024,
 }
 SPEC = InputSpec(batch=1, frames=4, height=16, width=16, text_len=32)
-
-
-def interleaved_latency(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each named zero-argument function.
-
-    Configurations alternate inside each repeat, so drift (thermal, other processes) hits all alike.
-    """
-    times = {name: [] for name in calls}
-    with torch.no_grad():
-        for fn in calls.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(repeats):
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}

@@ -1,0 +1,164 @@
+"""AOTInductor: a compressed DiTGraph compiled ahead of time into one `.pt2` package, and loaded back.
+
+`export_aoti(graph, path)` re-exports the graph's module with torch.export at its example inputs and
+compiles it with `torch._inductor.aoti_compile_and_package` for the device its weights are on (CPU
+or CUDA). Routed blocks stay `torch.cond`s, which Inductor compiles to an if/else in the generated
+code: a block whose conditional does not run costs nothing. What the package runs is the module as
+it stands: the router's budget and any `force_gates` are baked in (the metadata records both). Its
+outputs are the model's and, for a routed model, the router's hard gates, so the loaded model can
+say which blocks ran. Shapes are those of the capture (a dynamic-batch capture keeps its symbolic
+batch). The package is compiled under a temporary name and renamed into place.
+
+`load_aoti(path)` returns an `AOTIModel`, called like the diffusers transformer
+(`graphopt.dropin.FacadeModel`): it can replace `pipe.transformer`.
+
+Inductor fix applied during compilation (torch 2.13): Inductor lowers a cond's branches for the
+strides its operands had when traced, but passes the operands in whatever layout their producers
+were given later (e.g. a pointwise result stored transposed for the matmul that reads it); the branch
+then reads the wrong elements — silently in AOTInductor. `_cond_operands_keep_traced_strides` pins
+each operand to its traced strides (a copy only where the layouts differ).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx
+
+from graphopt.dropin import FacadeModel, fixed_inputs, input_specs
+from graphopt.errors import GraphoptError
+from graphopt.exporters.manifest import TensorSpec
+
+META = "graphopt"    # metadata keys: graphopt.config, .inputs, .fixed, .blocks, .router
+
+
+def export_aoti(graph, path: str | os.PathLike) -> Path:
+    """Compile `graph` (plain or compressed, routed included) into the AOTInductor package `path`."""
+    from tqdm.auto import tqdm
+
+    from graphopt.exporters.onnx import add_gates_output, block_table, gates_node
+
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise GraphoptError(f"an AOTInductor package is a .pt2 file; got '{path}' (name it e.g. "
+                            f"{path.with_suffix('.pt2').name})")
+    if graph.is_meta:
+        raise GraphoptError("this graph has no weights (meta device): AOTInductor compiles the "
+                            "weights into the package. Load the compressed folder with "
+                            "graphopt.load, or stream the weights in first")
+    source = graph.copy()
+    router = getattr(source.gm, "router", None)
+    if router is not None:
+        router.eval()
+        router.record = False
+        add_gates_output(source.gm, gates_node(source))
+    inputs = {k: v for k, v in source.example_inputs.items()}
+    metadata = {
+        f"{META}.config": json.dumps(source.recipe.model.get("config") or {}),
+        f"{META}.inputs": json.dumps([s.to_json() for s in input_specs(source)]),
+        f"{META}.fixed": json.dumps(fixed_inputs(source), default=str),   # only keys matter: the
+        # package takes tensors; the call still names every captured argument
+        f"{META}.blocks": json.dumps(block_table(source)),
+        f"{META}.router": json.dumps(None if router is None else {
+            "budget": router.budget,
+            "force_gates": None if router.force_gates is None else router.force_gates.tolist()}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with tqdm(total=2, desc="AOTInductor", unit="stage", leave=False) as bar:
+            bar.set_postfix_str("torch.export")
+            try:
+                program = torch.export.export(source.gm, (), inputs, strict=False)
+            except Exception as e:  # torch.export reports failures in many exception types
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise GraphoptError(f"torch.export of the compressed graph failed: {first}") from e
+            bar.update()
+            bar.set_postfix_str("compile")
+            with _cond_operands_keep_traced_strides():
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(tmp / path.name),
+                    inductor_configs={"aot_inductor.metadata": metadata})
+            bar.update()
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_aoti(path: str | os.PathLike, *, device: str | torch.device | None = None) -> "AOTIModel":
+    """The package at `path` as a diffusers-style transformer (see `AOTIModel`)."""
+    return AOTIModel(path, device=device)
+
+
+class AOTIModel(FacadeModel):
+    """An AOTInductor package written by `export_aoti`, called like the diffusers transformer.
+
+    It runs on the device it was compiled for (`device` picks the CUDA index). Inputs must have
+    the shapes it was compiled with; `records` holds, per call, the blocks that ran and the time.
+    """
+
+    what = "AOTInductor package"
+
+    def __init__(self, path: str | os.PathLike, *, device: str | torch.device | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise GraphoptError(f"AOTInductor package not found: {path}")
+        index = torch.device(device).index if device is not None else None
+        try:
+            self.package = torch._inductor.aoti_load_package(
+                str(path), device_index=-1 if index is None else index)
+        except Exception as e:  # the loader raises RuntimeError for foreign or corrupt archives
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GraphoptError(f"cannot load AOTInductor package '{path}': {first}. Is it a .pt2 "
+                                f"written by export_aoti with this torch version?") from None
+        meta = self.package.get_metadata()
+        if f"{META}.inputs" not in meta:
+            raise GraphoptError(f"'{path}' was not written by graphopt's export_aoti (no "
+                                f"'{META}.inputs' metadata): re-export it with export_aoti")
+        specs = [TensorSpec.from_json(s) for s in json.loads(meta[f"{META}.inputs"])]
+        super().__init__(json.loads(meta[f"{META}.config"]), specs,
+                         json.loads(meta[f"{META}.blocks"]))
+        self.fixed = json.loads(meta[f"{META}.fixed"])
+        self.router = json.loads(meta[f"{META}.router"])
+        compiled_for = meta.get("AOTI_DEVICE_KEY", "cpu")
+        self.device = torch.device(compiled_for if index is None else f"{compiled_for}:{index}")
+        self.path = path
+
+    def _run(self, feeds):
+        out = tuple(self.package(**feeds, **self.fixed))
+        if self.router is None:
+            return out, None
+        return out[:-1], out[-1].cpu().numpy().astype(np.bool_)
+
+
+@contextlib.contextmanager
+def _cond_operands_keep_traced_strides():
+    """While compiling: every torch.cond operand has, at run time, the strides its branches were
+    compiled for (see the module docstring)."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    original = ir.Conditional.__dict__["create"]
+
+    def create(cls, predicate, true_fn, false_fn, operands):
+        traced = V.graph.current_node.args[-1]
+        pinned = []
+        for op, node in zip(operands, traced):
+            val = node.meta.get("val") if isinstance(node, fx.Node) else None
+            if isinstance(val, torch.Tensor) and isinstance(op, ir.IRNode):
+                op = ir.ExternKernel.require_exact_strides(op, val.stride(), allow_padding=False)
+            pinned.append(op)
+        return original.__func__(cls, predicate, true_fn, false_fn, pinned)
+
+    ir.Conditional.create = classmethod(create)
+    try:
+        yield
+    finally:
+        ir.Conditional.create = original

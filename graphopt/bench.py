@@ -1,0 +1,274 @@
+"""`graphopt bench`: original vs compressed, per backend, in one process.
+
+For each backend — `torch` (eager PyTorch, always), `onnxruntime` (the single-file ONNX export,
+one `If` per routed block; where onnxruntime is installed), `aoti` (AOTInductor; on request, as
+compiling takes a minute or more per model on a CPU) — and for the original and the compressed model:
+
+- FLOPs per step: the cost model's (`graphopt.cost`); for a routed model, the mean over the workload's
+  steps of the FLOPs it executed, from the router's decisions (a routed block counts when its
+  conditional ran, i.e. when any sample of the batch needed it). Backend-independent: every backend
+  runs the same router on the same inputs.
+- latency per step: the workload is `steps` calls at the timesteps a flow-matching Euler sampler of
+  that many steps visits, on seeded random latents and text states of the compressed model's
+  captured shapes (one call = one denoising step at that batch); latency = median over `repeats`
+  workload runs ÷ steps, after `warmup` runs, every configuration of every backend interleaved in
+  each repeat so drift hits them alike.
+- speedup = latency(original) / latency(compressed); FLOPs speedup = FLOPs(original) /
+  FLOPs(compressed); efficiency = speedup / FLOPs speedup (1: time falls exactly as FLOPs do).
+
+The original is `original` if given, else the model the compressed folder's recipe was made from
+when that source still resolves (a shipped name such as tiny-wan, or an existing path), else the
+recipe's architecture with seeded random weights (weights change neither a dense model's FLOPs nor
+its latency); it is captured at the compressed model's input spec.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from graphopt.errors import GraphoptError
+
+BACKENDS = ("torch", "onnxruntime", "aoti")
+DEFAULT_BACKENDS = ("torch", "onnxruntime")
+
+
+def interleaved_latency(calls: dict, repeats: int, warmup: int, desc: str | None = None
+                        ) -> dict[str, float]:
+    """Median seconds per call of each named zero-argument function.
+
+    Configurations alternate inside each repeat, so drift (thermal, other processes) hits all alike.
+    """
+    from tqdm.auto import tqdm
+
+    times = {name: [] for name in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            for _ in range(warmup):
+                fn()
+        for _ in tqdm(range(repeats), desc=desc, leave=False, disable=desc is None):
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def check_options(backends, steps: int, repeats: int, warmup: int) -> None:
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise GraphoptError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise GraphoptError(f"bench needs steps >= 1, repeats >= 1 and warmup >= 0; got steps="
+                            f"{steps}, repeats={repeats}, warmup={warmup}")
+
+
+def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool = False):
+    """(original graph, compressed graph) for `folder`; the original's `source` says where it
+    came from."""
+    from graphopt import families
+    from graphopt.capture import capture, load_model, shipped_names
+    from graphopt.serialize import load
+
+    compressed = load(folder, device=device)
+    record = compressed.recipe.model
+    spec = families.spec_from_recipe(record, device)
+    source = original if original is not None else record.get("source")
+    if original is not None or (source in shipped_names() or Path(str(source)).exists()):
+        model = load_model(source, trust_pickle=trust_pickle)
+        if not isinstance(model, torch.nn.Module):
+            raise GraphoptError(f"the original '{source}' is an exported program; bench needs the "
+                                f"model (a diffusers folder or a shipped name) to capture it at "
+                                f"the compressed model's input shape")
+        origin = str(source)
+    else:
+        model = families.build_from_recipe(record)
+        origin = f"{record.get('class_name')} from the recipe's config (seeded random weights)"
+    base = capture(model.to(device), spec=spec, trust_pickle=trust_pickle)
+    if base.recipe.model.get("config") != record.get("config"):
+        raise GraphoptError(f"the original '{origin}' is not the model '{folder}' was compressed "
+                            f"from (their configs differ): pass the right one with --original")
+    base.source = origin
+    return base, compressed
+
+
+def workload(graph, steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Per step, the tensor inputs of one denoising call (see the module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    t_name = _t_name(graph)
+    gen = torch.Generator().manual_seed(seed)
+    base = {}
+    for k, v in graph.example_inputs.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        base[k] = torch.randn(v.shape, generator=gen).to(v) if v.is_floating_point() and \
+            k != t_name else v
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+    example_t = graph.example_inputs[t_name]
+    return [{**base, t_name: torch.full_like(example_t, float(t) if example_t.is_floating_point()
+                                             else round(float(t)))}
+            for t in scheduler.timesteps]
+
+
+def executed_flops(graph, inputs: list[dict]) -> list[int]:
+    """FLOPs each call executes: the cost model's for a dense graph, the router's decisions else."""
+    from graphopt.cost import model_cost
+    from graphopt.dropin import fixed_inputs
+
+    router = getattr(graph.gm, "router", None)
+    if router is None:
+        return [model_cost(graph).flops] * len(inputs)
+    saved = router.record, router.history
+    router.record, router.history = True, []
+    try:
+        with torch.no_grad():
+            for feed in inputs:
+                graph.gm(**feed, **fixed_inputs(graph))
+        return [s["executed_flops"] for s in router.step_flops()]
+    finally:
+        router.record, router.history = saved
+
+
+def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, repeats: int = 5,
+          warmup: int = 1, explicit: bool = False, workdir=None) -> dict:
+    """Measure (see the module docstring); returns the JSON-able result `render` prints.
+
+    A backend in `backends` that cannot run here is skipped with the reason, unless `explicit`
+    (the user named it), in which case that is an error.
+    """
+    from tqdm.auto import tqdm
+
+    from graphopt.dropin import GraphTransformer
+
+    check_options(backends, steps, repeats, warmup)
+    inputs = workload(compressed, steps)
+    flops = {"original": executed_flops(original, inputs),
+             "compressed": executed_flops(compressed, inputs)}
+    device = next((p.device for p in compressed.gm.parameters()), torch.device("cpu"))
+    models, skipped = {}, {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for backend in tqdm(backends, desc="loading backends", leave=False):
+            try:
+                for role, graph in (("original", original), ("compressed", compressed)):
+                    models[backend, role] = _load(backend, graph, Path(tmp) / f"{backend}-{role}")
+            except _Unavailable as e:
+                if explicit:
+                    raise GraphoptError(f"backend '{backend}' cannot run: {e}") from None
+                skipped[backend] = str(e)
+        for (backend, role), model in models.items():
+            if isinstance(model, GraphTransformer) and model.router is not None:
+                model.router.record = False       # timing: no host copies of the decisions
+
+        def run(model):
+            def call():
+                for feed in inputs:
+                    model(**feed, return_dict=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            return call
+
+        latency = interleaved_latency({key: run(m) for key, m in models.items()}, repeats, warmup,
+                                      desc="timing")
+    mean = {role: sum(f) / len(f) for role, f in flops.items()}
+    flop_speedup = mean["original"] / mean["compressed"]
+    rows = []
+    for backend in backends:
+        if backend in skipped:
+            continue
+        orig, comp = (latency[backend, r] / steps for r in ("original", "compressed"))
+        speedup = orig / comp
+        rows.append({"backend": backend, "original_s": orig, "compressed_s": comp,
+                     "speedup": speedup, "efficiency": speedup / flop_speedup})
+    return {
+        "original": original.source, "compressed": compressed.source,
+        "input_shapes": {k: list(v.shape) for k, v in inputs[0].items()},
+        "device": str(device), "threads": torch.get_num_threads(),
+        "steps": steps, "repeats": repeats, "warmup": warmup,
+        "timesteps": [float(f[_t_name(compressed)].flatten()[0]) for f in inputs],
+        "flops_per_step": mean, "flops_per_call": flops, "flops_speedup": flop_speedup,
+        "backends": rows, "skipped": skipped,
+    }
+
+
+def _t_name(graph) -> str:
+    return graph.family.timestep_input if graph.family is not None else "timestep"
+
+
+class _Unavailable(Exception):
+    """A backend that cannot run here (its package is missing); the message says what to install."""
+
+
+def _load(backend: str, graph, where: Path):
+    from graphopt.dropin import GraphTransformer
+
+    device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))
+    if backend == "torch":
+        return GraphTransformer(graph)
+    if backend == "aoti":
+        from graphopt.exporters.aoti import export_aoti, load_aoti
+
+        return load_aoti(export_aoti(graph, where / "model.pt2"))
+    try:
+        import onnxruntime  # noqa: F401
+
+        from graphopt.exporters.onnx import export_onnx, load_onnx
+    except ImportError as e:
+        raise _Unavailable(f"{e} (pip install 'graphopt[onnx]')") from None
+    return load_onnx(export_onnx(graph, where, layout="single"), device=device)
+
+
+def render(result: dict, console) -> None:
+    """The result as a rich table (one row per backend and model) and a one-line caption."""
+    from rich.table import Table
+
+    from graphopt.describe import human
+
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result["input_shapes"].items())
+    table = Table(title=f"original vs compressed, per step ({result['device']}, "
+                        f"{result['threads']} thread(s), median of {result['repeats']} runs of "
+                        f"{result['steps']} steps)")
+    for col in ("backend", "model", "FLOPs/step", "latency/step", "speedup", "efficiency"):
+        table.add_column(col, justify="left" if col in ("backend", "model") else "right")
+    flops = result["flops_per_step"]
+    for row in result["backends"]:
+        table.add_row(row["backend"], "original", human(flops["original"]),
+                      f"{row['original_s'] * 1e3:.2f} ms", "1.00x", "")
+        table.add_row("", "compressed", human(flops["compressed"]),
+                      f"{row['compressed_s'] * 1e3:.2f} ms", f"{row['speedup']:.2f}x",
+                      f"{row['efficiency']:.2f}")
+    console.print(table)
+    console.print(f"original: {result['original']}; inputs {shapes}; FLOPs speedup "
+                  f"{result['flops_speedup']:.2f}x; efficiency = speedup / FLOPs speedup")
+    for backend, why in result["skipped"].items():
+        console.print(f"[yellow]skipped {backend}[/]: {why}")
+
+
+def plot(result: dict, path) -> None:
+    """PNG: latency per step of original and compressed, per backend, with speedup labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from graphopt.io import atomic_path
+
+    rows = result["backends"]
+    fig = Figure(figsize=(1.8 * len(rows) + 2.5, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["original_s"] * 1e3 for r in rows], 0.4, label="original")
+    ax.bar([x + 0.2 for x in xs], [r["compressed_s"] * 1e3 for r in rows], 0.4, label="compressed")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['speedup']:.2f}x\neff {r['efficiency']:.2f}",
+                    (x + 0.2, r["compressed_s"] * 1e3), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [r["backend"] for r in rows])
+    ax.set_ylabel("latency per step (ms)")
+    ax.set_title(f"FLOPs speedup {result['flops_speedup']:.2f}x ({result['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)

@@ -1,0 +1,124 @@
+"""A compressed model in place of `pipe.transformer`: the diffusers transformer call on any backend.
+
+Diffusers' video pipelines call `transformer(hidden_states=..., timestep=..., encoder_hidden_states=...,
+attention_kwargs=None, return_dict=False)[0]` inside `transformer.cache_context("cond"/"uncond")`, and
+read `transformer.config` and `transformer.dtype`. What they read lives in one place,
+`graphopt.exporters.runtime.TransformerFacade` (shared with the ONNX runtimes); the call itself —
+keyword inputs checked and converted (`model_feeds`), one run, one `StepRecord` of the blocks that
+ran — is `FacadeModel` here, so every backend that runs a whole graph in one call only says how to
+run it:
+
+- `GraphTransformer(graph)`: the compressed PyTorch module (a DiTGraph's GraphModule, eager);
+- `graphopt.exporters.aoti.AOTIModel`: an AOTInductor package (`load_aoti`).
+
+A routed block counts as executed when any sample of the batch needed it (its conditional ran).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from graphopt.errors import GraphoptError
+from graphopt.exporters.manifest import TensorSpec
+from graphopt.exporters.runtime import TORCH_DTYPES, StepRecord, TransformerFacade, model_feeds
+
+BATCH = "batch"
+_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def input_specs(graph) -> tuple[TensorSpec, ...]:
+    """The graph's tensor inputs in placeholder order; a symbolic batch axis is named BATCH."""
+    examples = {k: v for k, v in graph.example_inputs.items() if isinstance(v, torch.Tensor)}
+    specs = []
+    for p in graph.placeholders():
+        if p.name not in examples:
+            continue
+        val = p.meta.get("val", examples[p.name])
+        shape = tuple(BATCH if isinstance(d, torch.SymInt) and i == 0 else int(d)
+                      for i, d in enumerate(val.shape))
+        if val.dtype not in _DTYPE_NAMES:
+            raise GraphoptError(f"model input '{p.name}' is {val.dtype}; graphopt's runtimes take "
+                                f"{sorted(TORCH_DTYPES)}")
+        specs.append(TensorSpec(p.name, _DTYPE_NAMES[val.dtype], shape))
+    return tuple(specs)
+
+
+def fixed_inputs(graph) -> dict[str, Any]:
+    """The non-tensor arguments the graph was captured with (e.g. return_dict=False)."""
+    return {k: v for k, v in graph.example_inputs.items() if not isinstance(v, torch.Tensor)}
+
+
+class FacadeModel(TransformerFacade):
+    """One call = one run of a whole graph. Subclasses set `device` and implement `_run`."""
+
+    what = "model"
+
+    def __init__(self, config: Mapping[str, Any], specs: Sequence[TensorSpec], blocks: Sequence[dict]):
+        self._config = FrozenDict(config)
+        self._input_specs = tuple(specs)
+        self.blocks = [(b["block"], b["gate"]) for b in blocks]
+        self._context: str | None = None
+        self.records: list[StepRecord] = []
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
+        """(model outputs, the router's hard gates [batch, n_routed] on the host, or None)."""
+        raise NotImplementedError
+
+    def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        if args:
+            raise GraphoptError(f"call the {self.what} with keyword arguments (hidden_states=..., "
+                                f"timestep=..., encoder_hidden_states=...)")
+        feeds = model_feeds(self._input_specs, BATCH, self.device, kwargs, self.what)
+        start = time.perf_counter()
+        with torch.no_grad():
+            values, gates = self._run(feeds)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        ran = gates.any(0) if gates is not None else None
+        executed = tuple(b for b, g in self.blocks if g is None or (ran is not None and ran[g]))
+        skipped = tuple(b for b, g in self.blocks if g is not None and ran is not None and not ran[g])
+        self.records.append(StepRecord(len(self.records), self._context, executed, skipped, gates,
+                                       seconds))
+        return Transformer2DModelOutput(sample=values[0]) if return_dict else values
+
+
+class GraphTransformer(FacadeModel):
+    """A DiTGraph (captured, compressed: pruned, dropped, routed) run eagerly in PyTorch.
+
+    Inputs have the capture's shapes (a dynamic-batch capture takes any batch). The router, if
+    any, keeps its settings (budget, force_gates); its decisions are recorded (`router.record`
+    is switched on) so each call's StepRecord says which blocks ran.
+    """
+
+    what = "compressed model"
+
+    def __init__(self, graph):
+        if graph.is_meta:
+            raise GraphoptError("this graph has no weights (meta device): load the compressed folder "
+                                "with graphopt.load, or stream the weights in first")
+        from graphopt.exporters.onnx import block_table
+
+        config = json.loads(json.dumps(dict(graph.config), default=lambda _: None))
+        super().__init__(config, input_specs(graph), block_table(graph))
+        self.graph = graph
+        self.fixed = fixed_inputs(graph)
+        self.device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))
+        self.router = getattr(graph.gm, "router", None)
+        if self.router is not None:
+            self.router.record = True
+
+    def _run(self, feeds):
+        seen = len(self.router.history) if self.router is not None else 0
+        out = self.graph.gm(**feeds, **self.fixed)
+        values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        gates = None
+        if self.router is not None and len(self.router.history) > seen:
+            gates = self.router.history[-1]["gates"].numpy()
+        return values, gates
