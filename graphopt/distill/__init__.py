@@ -1,7 +1,9 @@
 """Distillation: teacher/student losses (output, VDMini ICD + MCA, router budget) and PARE's
-progressive trainer (stage 1: width recovery, router off; stage 2: student + router jointly)."""
+progressive trainer (stage 1: width recovery, router off; stage 2: student + router jointly).
 
-from graphopt.distill.config import DistillConfig, config_from_dict, load_config
+`distill(student_graph, teacher_graph, config) -> graph` runs it all on graphs (graphopt.distill.run)."""
+
+from graphopt.distill.config import DistillConfig, config_from_dict, load_config, read_config
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
 from graphopt.distill.trainer import (
     DistillData,
@@ -12,11 +14,13 @@ from graphopt.distill.trainer import (
     output_error,
     train,
 )
+from graphopt.distill.run import DistillReport, distill, distill_config, save_distilled
 
 __all__ = [
     "DistillConfig",
     "DistillData",
     "DistillPair",
+    "DistillReport",
     "ICDLoss",
     "MCADiscriminator",
     "MCALoss",
@@ -25,8 +29,12 @@ __all__ = [
     "RouterBudgetLoss",
     "TrainResult",
     "config_from_dict",
+    "distill",
+    "distill_config",
     "latest_checkpoint",
     "load_config",
     "output_error",
+    "read_config",
+    "save_distilled",
     "train",
 ]

@@ -253,14 +253,18 @@ def config_from_dict(values: dict[str, Any]) -> DistillConfig:
     return DistillConfig(**kwargs)
 
 
-def load_config(path: str | Path) -> DistillConfig:
-    """Read a TOML file (tomllib) into a validated DistillConfig."""
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML file (tomllib), not yet validated."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
-            values = tomllib.load(handle)
+            return tomllib.load(handle)
     except FileNotFoundError:
         raise GraphoptError(f"distillation config {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise GraphoptError(f"distillation config {path} is not valid TOML: {error}") from None
-    return config_from_dict(values)
+
+
+def load_config(path: str | Path) -> DistillConfig:
+    """Read a TOML file (tomllib) into a validated DistillConfig."""
+    return config_from_dict(read_config(path))
