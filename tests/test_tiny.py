@@ -18,6 +18,7 @@ from graphopt.eval import clip_scores, evaluate_clips, largest_component, psnr_d
 from graphopt.tiny import (GeneratorConfig, embed_tokens, generate, initial_noise, load_teacher_folder,
                            load_tiny_teacher, sample)
 from graphopt.tiny.data import DIRECTION_VECTORS
+from graphopt.tiny.testbed import eval_conditions, quality
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = GeneratorConfig()
@@ -168,6 +169,16 @@ def test_sampler_starts_from_the_seeded_noise(teacher):
         sample(model, cond, guidance_scale=0.5)
 
 
+def test_shipped_teacher_draws_the_conditioned_motion(teacher):
+    # The motion columns of the README's teacher table (tools/eval_tiny_teacher.py), on 6 of its clips.
+    model, config = teacher
+    data = eval_conditions(config, 6)
+    scores, _ = quality(model, config, data, steps=10)
+    assert scores["colour_accuracy"] > 0.9 and scores["shape_accuracy"] > 0.9
+    assert scores["motion_smoothness"] > 0.8 and scores["direction_adherence"] > 0.8
+    assert scores["temporal_flicker"] > 0.95
+
+
 def test_training_script_writes_a_loadable_folder(tmp_path):
     spec = importlib.util.spec_from_file_location("train_tiny_teacher", REPO / "tools" / "train_tiny_teacher.py")
     trainer = importlib.util.module_from_spec(spec)
@@ -181,6 +192,21 @@ def test_training_script_writes_a_loadable_folder(tmp_path):
     assert model.config.num_layers == 1 and config == GeneratorConfig()
     record = json.loads((out / "training.json").read_text())
     assert record["steps_done"] == 2 and np.isfinite(record["loss_ema"])
+
+
+def test_training_resumes_where_it_stopped(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_tiny_teacher", REPO / "tools" / "train_tiny_teacher.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    tiny = ["--steps", "4", "--batch-size", "2", "--layers", "1", "--heads", "2", "--head-dim", "12", "--warmup", "1"]
+    trainer.main(tiny + ["--out", str(tmp_path / "whole")])
+    state = tmp_path / "resume.pt"
+    trainer.main(tiny + ["--out", str(tmp_path / "parts"), "--resume", str(state), "--stop-after", "0"])
+    assert json.loads((tmp_path / "parts" / "training.json").read_text())["steps_done"] == 1
+    trainer.main(tiny + ["--out", str(tmp_path / "parts"), "--resume", str(state)])
+    whole, parts = (load_teacher_folder(tmp_path / name)[0].state_dict() for name in ("whole", "parts"))
+    for name, value in whole.items():
+        assert torch.equal(value, parts[name]), name   # the same batches, noise and EMA as one run
 
 
 # --- metrics -----------------------------------------------------------------------------------
