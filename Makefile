@@ -15,9 +15,7 @@ $(BIN)/graphopt: pyproject.toml constraints.txt
 setup: $(BIN)/graphopt
 
 demo: setup
-	$(BIN)/graphopt inspect tiny-wan
-	$(BIN)/graphopt compress tiny-wan --passes prune --prune-ratio 0.25 --verify -o $(OUT)/tiny-wan-pruned
-	$(BIN)/python tools/bench_meta_capture.py
+	$(BIN)/graphopt demo -o $(OUT)/demo
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

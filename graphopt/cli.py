@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from graphopt.errors import GraphoptError
 
@@ -39,7 +40,11 @@ def _capture_from_args(args):
                      if getattr(args, k) is not None}
         if overrides:
             spec = dataclasses.replace(families.family_for(model).default_spec, **overrides)
-    return capture(model, spec=spec, trust_pickle=args.trust_pickle)
+    graph = capture(model, spec=spec, trust_pickle=args.trust_pickle)
+    # The recipe names the model it came from (`graphopt distill` finds its teacher there).
+    path = Path(args.model)
+    graph.source = graph.recipe.model["source"] = str(path.resolve()) if path.exists() else args.model
+    return graph
 
 
 def cmd_inspect(args) -> int:
@@ -79,6 +84,108 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_apply(args) -> int:
+    from rich.console import Console
+
+    from graphopt.apply import apply_recipe
+
+    apply_recipe(args.recipe, args.weights, args.output, console=Console(stderr=True))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from rich.console import Console
+
+    from graphopt.distill.run import distill_folder
+
+    distill_folder(args.compressed, args.config, args.output, teacher=args.teacher,
+                   teacher_dtype=args.teacher_dtype, checkpoints=args.checkpoints,
+                   trust_pickle=args.trust_pickle, console=Console(stderr=True))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from graphopt.bench import DEFAULT_BACKENDS, bench, check_options, load_pair, plot, render
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    backends = tuple(b for b in (args.backends or ",".join(DEFAULT_BACKENDS)).split(",") if b)
+    check_options(backends, args.steps, args.repeats, args.warmup)
+    original, compressed = load_pair(args.compressed, args.original, device=args.device,
+                                     trust_pickle=args.trust_pickle)
+    result = bench(original, compressed, backends=backends, steps=args.steps,
+                   repeats=args.repeats, warmup=args.warmup, explicit=args.backends is not None)
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result, Console())
+    return 0
+
+
+def _graph_for_export(args):
+    """A folder written by `graphopt compress` is loaded (recipe + weights); anything else captured."""
+    from graphopt.serialize import RECIPE, WEIGHTS, load
+
+    folder = Path(args.model)
+    if (folder / RECIPE).is_file() and (folder / WEIGHTS).is_file():
+        return load(folder)
+    return _capture_from_args(args)
+
+
+def cmd_export(args) -> int:
+    from graphopt.exporters.onnx import export_onnx
+
+    graph = _graph_for_export(args)
+    if args.format in ("onnx", "onnx-segmented"):
+        layout = "single" if args.format == "onnx" else "segmented"
+        path = export_onnx(graph, args.output, layout=layout, opset=args.opset)
+        print(f"wrote {path}")
+        return 0
+    if args.format == "aoti":
+        from graphopt.exporters.aoti import export_aoti
+
+        print(f"wrote {export_aoti(graph, Path(args.output) / 'model.pt2')}")
+        return 0
+    # trt: the segmented layout (TensorRT's primary path), checked, then engines where TensorRT imports.
+    from graphopt.exporters import tensorrt
+    from graphopt.exporters.trt_check import check_segmented
+
+    manifest = export_onnx(graph, args.output, layout="segmented", opset=args.opset)
+    reports = check_segmented(manifest)
+    for report in reports:
+        if report.findings:
+            print(report.render())
+    bad = [r.source for r in reports if not r.ok]
+    if bad:
+        raise GraphoptError(f"the ONNX in {args.output} breaks TensorRT's documented limits in {bad} (listed "
+                            "above); no engines built")
+    print(f"wrote {manifest}; TensorRT check passed on {len(reports)} segments")
+    try:
+        tensorrt._import_tensorrt()
+    except GraphoptError as e:
+        # Exit 0: the ONNX is written and checked; engines are built where TensorRT runs.
+        print(f"{e}. Then build the engines with graphopt.exporters.tensorrt.build_engines('{manifest}', "
+              f"'{Path(args.output) / 'engines'}')")
+        return 0
+    builds = tensorrt.build_engines(manifest, Path(args.output) / "engines",
+                                    tensorrt.BuildOptions(precision=args.precision))
+    for b in builds:
+        print(f"built {b.engine_path} ({b.precision}) in {b.seconds:.1f}s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from graphopt.demo import run_demo
+
+    run_demo(args.output, quick=args.quick, threads=args.threads)
+    return 0
+
+
 def _parse_value(text: str):
     """JSON where it parses (numbers, booleans, lists), else the plain string."""
     try:
@@ -110,6 +217,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check each pass's equivalence promise on the example batch")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("apply", help="stream a recipe onto a sharded safetensors checkpoint "
+                                     "(never the whole model in memory; resumable)")
+    p.add_argument("recipe", help="recipe.json (from `graphopt compress`, or written by hand)")
+    p.add_argument("--weights", required=True,
+                   help="diffusers model folder: config.json + *.safetensors (+ index)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder; rerun the same command to resume an interrupted run")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("distill", help="recover a compressed model's quality: progressive "
+                                       "distillation (PARE) with ICD + MCA losses (VDMini)")
+    p.add_argument("compressed", help="folder written by `graphopt compress`")
+    p.add_argument("--config", required=True,
+                   help="distillation TOML, e.g. graphopt/assets/distill_tiny.toml")
+    p.add_argument("--teacher", help="the uncompressed model (default: the recipe's source)")
+    p.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="run the frozen teacher in this precision")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (same layout as `graphopt compress` output)")
+    p.add_argument("--checkpoints",
+                   help="checkpoint folder (default: [run] output_dir, else OUTPUT.checkpoints); "
+                        "rerun the same command to resume")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a teacher whose files unpickle Python objects")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("bench", help="original vs compressed in one process: FLOPs and latency "
+                                     "per step, speedup and efficiency, per backend")
+    p.add_argument("compressed", help="folder written by `graphopt compress`")
+    p.add_argument("--original", help="the uncompressed model (default: the recipe's source if "
+                                      "it resolves, else its architecture with random weights)")
+    p.add_argument("--backends", help="comma-separated from torch,onnxruntime,aoti (default: "
+                                      "torch, and onnxruntime where installed)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="PNG", help="also draw latency per backend to this file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading an original whose files unpickle Python objects")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write ONNX (single file or segmented) or TensorRT engines")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--format", required=True, choices=("onnx", "onnx-segmented", "trt", "aoti"),
+                   help="onnx: one file, routed blocks as If; onnx-segmented: prologue/blocks/epilogue "
+                        "+ manifest.json; trt: the segmented ONNX, TensorRT-checked, then engines; "
+                        "aoti: an AOTInductor package, OUT/model.pt2 (graphopt.exporters.aoti.load_aoti)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"),
+                   help="TensorRT engine precision (--format trt)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
+                                    "compress, distill, export ONNX, bench, score; writes a report folder")
+    p.add_argument("-o", "--output", default="graphopt-demo", help="report folder (default graphopt-demo)")
+    p.add_argument("--quick", action="store_true", help="every stage with few steps and clips (CI)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

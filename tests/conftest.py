@@ -2,9 +2,19 @@ import pytest
 import torch
 
 from graphopt import capture
-from graphopt.families import FAMILIES, build_model
+from graphopt.families import build_model
 
 PRUNE_FAMILIES = ["wan", "hunyuan-video", "ltx-video", "latte"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """torch on one thread for the whole suite: tiny models on a busy 2-core machine run up to
+    ~10x slower with two (OpenMP workers wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from graphopt import GraphoptError, capture, rel_error
-from graphopt.families import FAMILIES, build_model
+from graphopt.families import build_model
 
 # family → (blocks, {(kind, heads, head_dim): count}, token layout frames×h×w)
 EXPECTED = {
