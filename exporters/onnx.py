@@ -38,8 +38,6 @@ import json
 import logging
 import operator
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from torch import fx
 
 from graphopt.dropin import FacadeModel, fixed_inputs
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_dir
 from graphopt.exporters.manifest import (
     DimRange,
     Segment,
@@ -108,22 +107,13 @@ def export_onnx(graph, out_dir: str | os.PathLike, *, layout: str = "single", dy
     opset = DEFAULT_OPSET if opset is None else int(opset)
     source = _exportable(graph, dynamic)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)        # mkdtemp makes it private; the export is an ordinary output folder
+    with atomic_dir(out_dir) as tmp:
         if layout == "single":
             _export_single(source, tmp / SINGLE_FILE, dynamic, opset)
             result = SINGLE_FILE
         else:
             _export_segmented(source, tmp, opset)
             result = MANIFEST_FILE
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / result
 
 

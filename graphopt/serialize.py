@@ -7,14 +7,12 @@ weights. The folder is assembled next to its destination and renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text, save_safetensors
+from graphopt.io import atomic_dir, atomic_write_text, save_safetensors
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"    # sharded weights (written by `graphopt apply`)
@@ -34,20 +32,12 @@ def save(graph, out, extra_files: dict[str, str] | None = None) -> Path:
         raise GraphoptError("this graph has no weights (meta device): save its recipe with "
                             "graph.recipe.save(path) and stream weights with `graphopt apply`")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         graph.recipe.save(tmp / RECIPE)
         save_safetensors(state_dict(graph), tmp / WEIGHTS, metadata={"format": "pt"})
         atomic_write_text(tmp / CONFIG, json.dumps(graph.recipe.model["config"], indent=2))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
