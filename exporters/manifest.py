@@ -44,12 +44,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_write_text
 
 FORMAT = "graphopt-segmented"
 VERSION = 1
@@ -484,14 +484,7 @@ class SegmentedManifest:
             text = json.dumps(self.to_json(), indent=2) + "\n"
         except TypeError as exc:
             raise GraphoptError(f"manifest {path}: 'config' must hold JSON values only ({exc})") from None
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, text)
         return path
 
 

@@ -23,7 +23,6 @@ API facts this module relies on (TensorRT Python API; checked against NVIDIA's d
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_write_bytes
 from graphopt.exporters.manifest import MODEL_KIND, DimRange, Segment, SegmentedManifest, TensorSpec, compare_io
 from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, run_all_segments
 from graphopt.exporters.trt_check import all_graphs
@@ -341,13 +341,13 @@ def build_engines(
                 f"TensorRT could not build {plan.onnx_path.name} (see its log above); check the graph with "
                 "graphopt.exporters.trt_check.check_onnx"
             )
-        _atomic_write(plan.engine_path, bytes(serialized))
+        atomic_write_bytes(plan.engine_path, bytes(serialized))
         if cast:
             _remove_cast_copy(onnx_path)
         seconds = time.perf_counter() - start
         results.append(EngineBuild(plan.onnx_path, plan.engine_path, plan.precision, strongly_typed, seconds))
     if cache_path is not None and cache is not None:
-        _atomic_write(cache_path, bytes(cache.serialize()))
+        atomic_write_bytes(cache_path, bytes(cache.serialize()))
     return results
 
 
@@ -367,17 +367,6 @@ def _remove_cast_copy(path: Path) -> None:
     side = path.with_name(f"{path.name}.data")
     if side.exists():
         side.unlink()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ the demo only chooses small settings and collects the results into one report fo
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,11 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
     teacher, config = capture_teacher()
     info = describe(teacher)
     render(info, console)
-    _write_text(out / "inspect.json", json.dumps(info, indent=2, default=str))
+    atomic_write_text(out / "inspect.json", json.dumps(info, indent=2, default=str))
     calib = calibration_inputs(config)
     roles = head_roles(teacher, inputs=calib)
     roles.plot(out / "head_roles.png")
-    _write_text(out / "head_roles.md", roles.to_markdown() + "\n")
+    atomic_write_text(out / "head_roles.md", roles.to_markdown() + "\n")
     counts = roles.counts()
     stage("inspect", f"{len(teacher.blocks)} blocks, {len(teacher.attentions)} attentions; head roles "
           f"{counts['spatial']} spatial / {counts['temporal']} temporal / {counts['mixed']} mixed", t,
@@ -142,7 +142,7 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
     timing = bench(teacher, student, backends=settings.bench_backends, steps=4,
                    repeats=settings.bench_repeats, warmup=1)
     plot(timing, out / "bench.png")
-    _write_text(out / "bench.json", json.dumps(timing, indent=2))
+    atomic_write_text(out / "bench.json", json.dumps(timing, indent=2))
     speedups = {r["backend"]: r["speedup"] for r in timing["backends"]}
     stage("bench", f"FLOPs speedup {timing['flops_speedup']:.2f}x; latency speedup "
           + ", ".join(f"{b} {s:.2f}x" for b, s in speedups.items()), t,
@@ -172,7 +172,7 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
               "training data": evaluate_clips(config, conditions.videos, conditions)}
     save_frame_grid(out / "frames.png", [("data", conditions.videos), ("teacher", teacher_clips),
                                          ("student", student_clips)])
-    _write_text(out / "quality.md", _quality_markdown(scores))
+    atomic_write_text(out / "quality.md", _quality_markdown(scores))
     fraction = sum(s["clip"] for s in per_step) / len(per_step)
     stage("quality", f"{settings.clips} clips × {settings.sample_steps} steps: motion smoothness teacher "
           f"{scores['teacher']['motion_smoothness']:.2f} / student {scores['student']['motion_smoothness']:.2f}, "
@@ -181,16 +181,10 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
 
     summary = {"model": "tiny-wan", "mode": "quick" if quick else "full", "threads": torch.get_num_threads(),
                "seconds": round(time.perf_counter() - total, 1), "settings": settings.__dict__, "stages": stages}
-    _write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    _write_text(out / "summary.md", _summary_markdown(summary, scores))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.md", _summary_markdown(summary, scores))
     console.print(f"[bold]done[/] in {summary['seconds']:.0f} s; read {out}/summary.md")
     return summary
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plot_compute(path: Path, per_step: list[dict]) -> None:

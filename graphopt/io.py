@@ -50,6 +50,11 @@ def atomic_write_text(path: Path, text: str):
         tmp.write_text(text)
 
 
+def atomic_write_bytes(path: Path, data: bytes):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
     from safetensors.torch import save_file
 

@@ -1,9 +1,8 @@
-"""What the CPU benchmarks share: a small-but-not-tiny Wan and interleaved timing.
+"""What the CPU benchmarks share: a small-but-not-tiny Wan (timing: graphopt.bench.interleaved_latency).
 
 Small enough for 2 CPU cores, large enough that matmuls (not Python overhead) dominate a step:
 8 blocks, width 256, latent 16 × 4 × 16 × 16 (256 video tokens).
 """
-from graphopt.bench import interleaved_latency  # noqa: F401  (the benchmarks' shared timer)
 from graphopt.families import InputSpec
 
 WAN_SMALL = {

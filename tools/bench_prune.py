@@ -10,8 +10,9 @@ import argparse
 
 import torch
 
-from bench_models import SPEC, WAN_SMALL, interleaved_latency
+from bench_models import SPEC, WAN_SMALL
 from graphopt import capture, model_cost
+from graphopt.bench import interleaved_latency
 from graphopt.describe import human
 from graphopt.families import build_model
 from graphopt.passes.prune import Prune

@@ -26,7 +26,6 @@ every row, same seed and condition).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from graphopt.bench import interleaved_latency
 from graphopt.compress import compress
 from graphopt.cost import model_cost
 from graphopt.eval import evaluate_clips
+from graphopt.io import atomic_write_text
 from graphopt.passes.block_importance import block_importance, rank_blocks
 from graphopt.passes.head_roles import head_roles
 from graphopt.passes.importance import head_importance
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = "\n".join(["# Quality at matched compute (tools/bench_quality.py)", "", *lines, "", *notes, "",
                           "![frames](bench_quality.png)", ""])
-    tmp = args.out / ".bench_quality.md.tmp"
-    tmp.write_text(markdown)
-    os.replace(tmp, args.out / "bench_quality.md")
+    atomic_write_text(args.out / "bench_quality.md", markdown)
     save_frame_grid(args.out / "bench_quality.png", grid)
     console.print(f"wrote {args.out}/bench_quality.md and bench_quality.png")
 

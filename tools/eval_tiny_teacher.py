@@ -14,7 +14,6 @@ from the same seeded noise in every row. Rows:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.eval import evaluate_clips
+from graphopt.io import atomic_path
 from graphopt.tiny import describe, embed_tokens, generate, load_teacher_folder, load_tiny_teacher, sample
 
 HELD_OUT_SEED = 2_000_000_007  # the trainer draws seeds seed·1000003 + step, far below this
@@ -59,10 +59,9 @@ def save_grid(path: Path, clips: np.ndarray, captions: list[str], rows: int) -> 
             ax.set_yticks([])
         axes[r, 0].set_title(captions[r], fontsize=6, loc="left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

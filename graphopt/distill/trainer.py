@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from graphopt.distill.config import DataConfig, DistillConfig, OptimizerConfig
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -272,12 +273,6 @@ def _shard_fsdp(module: nn.Module, device: torch.device) -> None:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """safetensors refuses tensors sharing storage (tied weights): such duplicates are cloned."""
     seen: set[int] = set()
@@ -287,9 +282,8 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
         pointer = value.untyped_storage().data_ptr()
         out[key] = value.clone() if pointer in seen and value.numel() else value
         seen.add(pointer)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp))
 
 
 def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -576,17 +570,17 @@ class _Trainer:
             _save_tensors(tmp / "student.safetensors", student)
             tensors, meta = _optimizer_to_files(student_optim)
             _save_tensors(tmp / "optimizer-student.safetensors", tensors)
-            _write_atomic_text(tmp / "optimizer-student.json", json.dumps(meta))
+            atomic_write_text(tmp / "optimizer-student.json", json.dumps(meta))
             if self.discriminator is not None:
                 _save_tensors(tmp / "discriminator.safetensors", disc)
                 tensors, meta = _optimizer_to_files(disc_optim)
                 _save_tensors(tmp / "optimizer-discriminator.safetensors", tensors)
-                _write_atomic_text(tmp / "optimizer-discriminator.json", json.dumps(meta))
+                atomic_write_text(tmp / "optimizer-discriminator.json", json.dumps(meta))
         self.procs.barrier()
         if self.procs.is_main:
             state = {"steps_done": steps_done, "world_size": self.procs.world_size,
                      "config": self.config.to_dict()}
-            _write_atomic_text(tmp / "state.json", json.dumps(state, indent=1))
+            atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in _checkpoint_dirs(self.output_dir)[: -self.config.run.keep_checkpoints]:
@@ -650,7 +644,7 @@ class _Trainer:
                     kept.append(line)
             except json.JSONDecodeError:  # a line torn by the kill
                 continue
-        _write_atomic_text(self.log_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     # -- the loop
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.io import atomic_write_text
 
 # Unit steps (dy, dx) per frame; y grows downwards, as in image rows.
 DIRECTION_VECTORS: dict[str, tuple[int, int]] = {
@@ -155,10 +155,7 @@ class GeneratorConfig:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temp file + os.replace)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> GeneratorConfig:
