@@ -274,6 +274,10 @@ def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: to
     straight-through gate (training) its gradient is (block_out − stream_in).
     """
     g = gates[:, j]
+    if not g.requires_grad and not _tracing(g) and bool(g.min() == g.max()):
+        # Eager, one decision for the whole batch: the cond already ran the right branch (the
+        # skip branch's output is the stream), so no per-sample select is needed.
+        return block_out
     if rows_per_sample > 1:
         g = g.repeat_interleave(rows_per_sample)
     g = g.reshape((-1,) + (1,) * (block_out.dim() - 1))
