@@ -1,43 +1,75 @@
-"""head-roles: is each attention head spatial (attends inside its frame) or temporal (attends
-across frames at the same place)? PARE's width criterion needs the answer but does not publish its
-statistic; this is Sparse VideoGen's test (Xi et al., ICML 2025) plus attention-mass diagnostics.
+"""head-roles: is each attention head spatial (looks inside its frame) or temporal (looks at the
+same place in other frames)? PARE's width criterion needs the answer but does not publish its
+statistic. Two are offered (`statistic`); both see only the attention rows of sampled queries.
 
 For each video self-attention (and joint video+text attention), head h, calibration input x and
 batch row r, n_q query tokens are drawn among the video tokens (`queries`, default 64; seeded,
-the same draw for every head and row of one attention and input).
-Only their attention rows are formed, (n_q × keys), never the full tokens × tokens map. With
-logits ℓ (scaled q·k plus the attention's own mask) and V the values:
+the same draw for every head and row of one attention and input). Only their attention rows are
+formed, (n_q × keys), never the full tokens × tokens map. For a query i at (frame f, y, x):
 
-    O   = softmax(ℓ) V                               the head's output for the sampled queries
-    O_S = softmax(ℓ restricted to keys in the query's frame, and text keys) V      spatial mask
-    O_T = softmax(ℓ restricted to keys at the query's (y, x) in any frame, and text keys) V
+    S(i) = the video keys of frame f, i itself excepted                      (the frame)
+    T(i) = the video keys of the other frames within `radius` of (y, x):
+           max(|y' − y|, |x' − x|) ≤ radius                                  (the place, over time)
+
+`radius` (default 1 token) lets a temporal head follow what moves: at radius 0, T is exactly the
+same (y, x) in every other frame (Sparse VideoGen's temporal mask), which misses a head that looks
+where an object has gone. P = softmax(ℓ), ℓ the scaled q·k logits with the attention's own mask.
+
+"attention-density" (default): where does the head look, compared with looking everywhere alike?
+
+    lift_S = (P(S) / P(K)) / (|S| / |K|)      K: all video keys; 1 for uniform attention
+    lift_T = (P(T) / P(K)) / (|T| / |K|)
+    s      = (lift_T + ε) / (lift_S + lift_T + 2ε),  ε = 1e-6,  lifts averaged over the queries
+
+A lift is a density, so the two masks compare fairly although the frame holds many more keys than
+the place. What it cannot undo: a head that looks at its neighbourhood in space and time alike has
+more density on the small place than on the whole frame, so it leans temporal (it scores mixed on
+tiny-wan, where its lifts are about 3 and 3.7).
+
+"output-error" (Sparse VideoGen, Xi et al., ICML 2025): which mask reproduces the head's output?
+With V the values, O = softmax(ℓ) V, O_S with keys restricted to S ∪ {i} and O_T to T ∪ {i} (text
+keys kept in both, as Sparse VideoGen does for joint attention):
+
     E_S = mean((O_S − O)²),  E_T = mean((O_T − O)²)  over queries and channels
-    ε   = 1e-6 · mean(O²)
-    s   = (E_S + ε) / (E_S + E_T + 2ε)
+    s   = (E_S + ε') / (E_S + E_T + 2ε'),  ε' = 1e-6 · mean(O²)
+
+Why density is the default: output error asks whether a mask's *values* reproduce the head, and on
+slowly changing video a frame's own values are nearly those of its neighbours, so the frame mask
+reproduces heads that look elsewhere. On the shipped tiny-wan teacher (objects move half a token per
+frame) output error scores every head below 0.5 + margin: 30 spatial, 0 temporal, 2 mixed. Density
+finds 12 temporal heads; the clearest put under 0.1 of their attention on their own frame and
+0.37–0.60 of their cross-frame attention on the 3 × 3 place (0.12 for uniform attention). The two
+rank heads alike (3 of their 4 most temporal heads are the same); only output error's scale is
+shifted. Masking density's 4 most temporal heads keeps colour (1.00) and shape (0.93) while direction
+adherence falls to 0.55; masking its 4 most spatial heads drops shape to 0.65 and direction to 0.58
+(`python tools/bench_head_roles.py`): the temporal heads carry motion, the spatial ones content and,
+through it, motion too.
 
 The temporal score of a head is the mean of s over calibration inputs and batch rows, in [0, 1]:
-1 when keeping only the same-place keys reproduces the head and keeping only its frame does not,
-0 for the reverse, 0.5 when both masks are equally good (or both exact, as for a head that attends
-to its own token only). Role: temporal if score ≥ 0.5 + margin, spatial if score ≤ 0.5 − margin,
-mixed otherwise; the default margin 0.1 asks one mask's error to be at least 1.5× the other's.
+1 for a head that looks only at the place across frames, 0 for one that looks only inside its
+frame, 0.5 for one that looks everywhere alike (density) or whose two masks are equally good
+(output error), and for one that attends to its own token only (both). Role: temporal if
+score ≥ 0.5 + margin, spatial if score ≤ 0.5 − margin, mixed otherwise; the default margin 0.1 asks
+one lift (error) to be at least 1.5× the other.
 
-Diagnostics (means over sampled queries, rows and inputs; P = softmax(ℓ)):
+Diagnostics (means over sampled queries, rows and inputs; every field is computed whichever
+statistic decides):
     spatial_mass  = Σ P over video keys in the query's frame (its own token included)
     temporal_mass = Σ P over video keys in other frames
     text_mass     = Σ P over text keys (joint attention; 0 otherwise)
-    same_position = Σ P over other-frame keys at the query's (y, x) / temporal_mass: how
-                    concentrated the cross-frame mass is at the same place (1: pure temporal head)
+    window_share  = P(T) / temporal_mass: how much of the cross-frame mass is at the place
+    spatial_lift, temporal_lift, error_spatial (E_S / mean(O²)), error_temporal (E_T / mean(O²))
 
-Text keys are kept in both masks (as Sparse VideoGen does for joint attention): the test is about
-how a head mixes video tokens. Sequence layouts come from the family table (`graph.family`), or,
-without one, every self-attention over exactly frames·h·w tokens is taken as video in (frame, y, x)
-row-major order. Attentions whose sequences are one frame (Latte spatial blocks, image DiTs) or one
-place across frames (Latte temporal blocks) have their role by construction: spatial with score 0,
-resp. temporal with score 1 (`measured` False, diagnostics NaN). Cross-attention has no role.
+Sequence layouts come from the family table (`graph.family`), or, without one, every
+self-attention over exactly frames·h·w tokens is taken as video in (frame, y, x) row-major order.
+Attentions whose sequences are one frame (Latte spatial blocks, image DiTs) or one place across
+frames (Latte temporal blocks) have their role by construction: spatial with score 0, resp.
+temporal with score 1 (`measured` False, diagnostics NaN). Cross-attention has no role.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -49,11 +81,14 @@ from graphopt.io import atomic_path
 from graphopt.pass_manager import Pass, register
 
 ROLES = ("spatial", "temporal", "mixed")
+STATISTICS = ("attention-density", "output-error")
 _LOGIT_BUDGET = 1 << 24        # float32 elements per head chunk of (rows, heads, queries, keys)
 
 
 @dataclass
 class HeadRolesOptions:
+    statistic: str = "attention-density"       # or "output-error" (Sparse VideoGen's test)
+    radius: int = 1                            # the place: tokens around (y, x) in other frames
     queries: int = 64                          # sampled query tokens per attention and input
     margin: float = 0.1                        # mixed band: |score − 0.5| < margin
     timesteps: int | tuple[float, ...] = 4     # calibration: a count (in [50, 950]) or a list
@@ -64,6 +99,12 @@ class HeadRolesOptions:
     offload: str | None = None                 # run on this device, one block's weights at a time
 
     def __post_init__(self):
+        if self.statistic not in STATISTICS:
+            raise GraphoptError(f"head-roles statistic must be one of {list(STATISTICS)}, "
+                                f"got {self.statistic!r}")
+        if isinstance(self.radius, bool) or not isinstance(self.radius, int) or self.radius < 0:
+            raise GraphoptError(f"head-roles radius must be an int >= 0 (tokens), got "
+                                f"{self.radius!r}")
         if not isinstance(self.queries, int) or self.queries < 1:
             raise GraphoptError(f"head-roles queries must be an int >= 1, got {self.queries!r}")
         if not 0.0 <= self.margin < 0.5:
@@ -82,12 +123,16 @@ class AttentionRoles:
     name: str
     block: int | None
     measured: bool                    # False: role fixed by the sequence layout
-    temporal_score: torch.Tensor
+    temporal_score: torch.Tensor      # the chosen statistic's score, which gives the roles
     roles: list[str]
+    density_score: torch.Tensor
+    error_score: torch.Tensor
     spatial_mass: torch.Tensor
     temporal_mass: torch.Tensor
     text_mass: torch.Tensor
-    same_position: torch.Tensor
+    window_share: torch.Tensor
+    spatial_lift: torch.Tensor
+    temporal_lift: torch.Tensor
     error_spatial: torch.Tensor       # E_S / mean(O²), averaged
     error_temporal: torch.Tensor      # E_T / mean(O²), averaged
 
@@ -95,6 +140,8 @@ class AttentionRoles:
 @dataclass
 class HeadRoles:
     attentions: dict[str, AttentionRoles]
+    statistic: str
+    radius: int
     margin: float
     inputs: int                       # calibration inputs the statistics average over
     queries: int
@@ -128,8 +175,8 @@ class HeadRoles:
 
         c = self.counts()
         t = Table(title=f"head roles: {c['spatial']} spatial, {c['temporal']} temporal, "
-                        f"{c['mixed']} mixed (margin {self.margin:g}, {self.inputs} inputs x "
-                        f"{self.queries} queries)")
+                        f"{c['mixed']} mixed ({self.statistic}, radius {self.radius}, margin "
+                        f"{self.margin:g}, {self.inputs} inputs x {self.queries} queries)")
         for col in self._HEADER:
             t.add_column(col, justify="right" if col in ROLES else "left")
         for row in self._rows():
@@ -137,7 +184,11 @@ class HeadRoles:
         return t
 
     def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(self._HEADER) + " |",
+        c = self.counts()
+        lines = [f"{c['spatial']} spatial, {c['temporal']} temporal, {c['mixed']} mixed "
+                 f"({self.statistic}, radius {self.radius}, margin {self.margin:g}, "
+                 f"{self.inputs} inputs x {self.queries} queries)", "",
+                 "| " + " | ".join(self._HEADER) + " |",
                  "|" + "|".join("---" for _ in self._HEADER) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
         return "\n".join(lines)
@@ -147,8 +198,8 @@ class HeadRoles:
         c = self.counts()
         heatmap(path, list(self.attentions),
                 [a.temporal_score for a in self.attentions.values()],
-                title=f"temporal score per head ({c['spatial']} spatial, {c['temporal']} temporal, "
-                      f"{c['mixed']} mixed)",
+                title=f"temporal score per head, {self.statistic} ({c['spatial']} spatial, "
+                      f"{c['temporal']} temporal, {c['mixed']} mixed)",
                 label="temporal score", vmin=0.0, vmax=1.0, cmap="coolwarm")
 
 
@@ -164,12 +215,13 @@ def heatmap(path, names: list[str], rows: list[torch.Tensor], *, title: str, lab
     grid = torch.full((len(rows), width), float("nan"), dtype=torch.float64)
     for i, r in enumerate(rows):
         grid[i, :len(r)] = r.double()
-    fig = Figure(figsize=(min(3 + 0.25 * width, 24), min(1.5 + 0.22 * len(rows), 40)))
+    fig_width = min(3 + 0.25 * width, 24)
+    fig = Figure(figsize=(fig_width, min(1.5 + 0.22 * len(rows), 40)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
                    interpolation="nearest")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, int(fig_width * 11)), fontsize=9)   # ~11 chars per inch
     ax.set_xlabel("head")
     ax.set_yticks(range(len(names)), names, fontsize=max(4, min(8, 400 // max(len(names), 1))))
     ax.set_xticks(range(width), [str(h) for h in range(width)], fontsize=6)
@@ -206,7 +258,7 @@ def head_roles(graph, options: HeadRolesOptions | None = None, *,
     for ordinal, (name, (q_layout, k_layout)) in enumerate(layouts.items()):
         att = graph.attentions[name]
         if q_layout.kind == "video":
-            stats[att.sdpa] = _RoleStatistic(att, q_layout, k_layout, o.queries,
+            stats[att.sdpa] = _RoleStatistic(att, q_layout, k_layout, o.queries, o.radius,
                                              (o.seed, ordinal))
     run_attentions(graph, inputs, stats, desc="head roles",
                    offload=BlockOffload(graph, o.offload) if o.offload else None)
@@ -214,18 +266,18 @@ def head_roles(graph, options: HeadRolesOptions | None = None, *,
     for name, (q_layout, _) in layouts.items():
         att = graph.attentions[name]
         if q_layout.kind == "video":
-            result[name] = stats[att.sdpa].finish(o.margin, len(inputs))
+            result[name] = stats[att.sdpa].finish(o.statistic, o.margin)
         else:
-            score = 0.0 if q_layout.kind == "frame" else 1.0
-            nan = torch.full((att.heads,), float("nan"), dtype=torch.float64)
+            score = torch.full((att.heads,), 0.0 if q_layout.kind == "frame" else 1.0,
+                               dtype=torch.float64)
+            nan = lambda: torch.full((att.heads,), math.nan, dtype=torch.float64)  # noqa: E731
             result[name] = AttentionRoles(
-                name, att.block, False, torch.full((att.heads,), score, dtype=torch.float64),
-                [role_of(score, o.margin)] * att.heads, nan, nan.clone(), nan.clone(),
-                nan.clone(), nan.clone(), nan.clone())
+                name, att.block, False, score, [role_of(float(score[0]), o.margin)] * att.heads,
+                score.clone(), score.clone(), *(nan() for _ in range(8)))
     t_name = graph.family.timestep_input if graph.family is not None else "timestep"
     timesteps = [float(x[t_name].reshape(-1)[0]) for x in inputs
                  if isinstance(x.get(t_name), torch.Tensor)]
-    return HeadRoles(result, o.margin, len(inputs), o.queries, timesteps)
+    return HeadRoles(result, o.statistic, o.radius, o.margin, len(inputs), o.queries, timesteps)
 
 
 def role_of(score: float, margin: float) -> str:
@@ -274,16 +326,18 @@ def video_layouts(graph, names=None) -> dict:
 class _RoleStatistic:
     """Accumulates the module docstring's sums for one attention, input by input."""
 
-    def __init__(self, att, q_layout, k_layout, queries: int, seed: tuple[int, int]):
+    _SUMS = ("density", "error", "spatial", "temporal", "text", "window", "lift_s", "lift_t",
+             "e_s", "e_t")
+
+    def __init__(self, att, q_layout, k_layout, queries: int, radius: int,
+                 seed: tuple[int, int]):
         self.name, self.block, self.heads = att.name, att.block, att.heads
         self.q_layout, self.k_layout = q_layout, k_layout
-        self.queries, self.seed = queries, seed
+        self.queries, self.radius, self.seed = queries, radius, seed
         self.q_coords = q_layout.coords(0)
         self.k_coords = k_layout.coords(0)
         self.video_queries = torch.nonzero(self.q_coords[:, 0] >= 0).flatten()
-        zeros = lambda: torch.zeros(att.heads, dtype=torch.float64)  # noqa: E731
-        self.score, self.e_s, self.e_t = zeros(), zeros(), zeros()
-        self.spatial, self.temporal, self.text, self.same_pos = zeros(), zeros(), zeros(), zeros()
+        self.sums = {k: torch.zeros(att.heads, dtype=torch.float64) for k in self._SUMS}
         self.rows = 0
 
     def _check(self, call: SdpaCall):
@@ -296,54 +350,67 @@ class _RoleStatistic:
                 f"{self.k_layout.length} tokens with {self.heads} heads: the calibration inputs "
                 f"must have the shape the model was captured with")
 
+    def _masks(self, qi: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """(n, keys) boolean masks of the sampled queries: video, frame S, place T, self."""
+        qc, kc = self.q_coords[qi].to(device), self.k_coords.to(device)
+        video = (kc[:, 0] >= 0).expand(len(qi), -1)
+        same_frame = (kc[None, :, 0] == qc[:, None, 0]) & video
+        near = (kc[None, :, 1:] - qc[:, None, 1:]).abs().amax(-1) <= self.radius
+        own = same_frame & (kc[None, :, 1:] == qc[:, None, 1:]).all(-1)
+        return {"video": video, "frame": same_frame, "S": same_frame & ~own,
+                "T": near & video & ~same_frame, "own": own}
+
     def __call__(self, index: int, call: SdpaCall) -> None:
         self._check(call)
         seed, ordinal = self.seed
         g = torch.Generator().manual_seed(seed * 1_000_003 + ordinal * 7_919 + index)
         pick = torch.randperm(len(self.video_queries), generator=g)[:self.queries]
         qi = self.video_queries[pick].sort().values
-        dev = call.q.device
-        qc, kc = self.q_coords[qi].to(dev), self.k_coords.to(dev)
-        video_key = kc[:, 0] >= 0
-        same_frame = kc[None, :, 0] == qc[:, None, 0]                        # (n, keys)
-        same_place = (kc[None, :, 1:] == qc[:, None, 1:]).all(-1) & video_key
-        other_frame = video_key & ~same_frame
-        spatial_keep = same_frame | ~video_key
-        temporal_keep = same_place | ~video_key
-        qi = qi.to(dev)
+        m = self._masks(qi, call.q.device)
+        # |S|/|V| and |T|/|V| per query: the mass uniform attention over video keys puts there.
+        count = {k: m[k].sum(-1).double() for k in ("video", "S", "T")}
+        uniform_s = count["S"] / count["video"]
+        uniform_t = (count["T"] / count["video"]).clamp_min(1e-30)   # radius 0 at one frame
+        spatial_keep = m["S"] | m["own"] | ~m["video"]
+        temporal_keep = m["T"] | m["own"] | ~m["video"]
+        qi = qi.to(call.q.device)
         rows = call.q.shape[0]
         chunk = max(1, _LOGIT_BUDGET // (rows * len(qi) * call.k.shape[2]))
         for h0 in range(0, self.heads, chunk):
             heads = slice(h0, min(h0 + chunk, self.heads))
             logits = call.logits(qi, heads)                                  # (rows, h, n, keys)
-            v = _values(call, heads)
             p = logits.softmax(-1)
+            mass = {k: (p * m[k]).sum(-1).double() for k in ("video", "frame", "S", "T")}
+            video = mass["video"].clamp_min(1e-30)
+            lift_s = (mass["S"] / video / uniform_s).mean(-1)
+            lift_t = (mass["T"] / video / uniform_t).mean(-1)
+            v = _values(call, heads)
             out = p @ v
             e_s = _masked_output_error(logits, spatial_keep, v, out)
             e_t = _masked_output_error(logits, temporal_keep, v, out)
             ref = out.pow(2).mean((-1, -2))
             eps = 1e-6 * ref + 1e-30
-            s = (e_s + eps) / (e_s + e_t + 2 * eps)
-            self.score[heads] += _row_sum(s)
-            self.e_s[heads] += _row_sum(e_s / (ref + 1e-30))
-            self.e_t[heads] += _row_sum(e_t / (ref + 1e-30))
-            self.spatial[heads] += _row_sum((p * same_frame).sum(-1).mean(-1))
-            self.temporal[heads] += _row_sum((p * other_frame).sum(-1).mean(-1))
-            self.text[heads] += _row_sum((p * ~video_key).sum(-1).mean(-1))
-            self.same_pos[heads] += _row_sum((p * (same_place & other_frame)).sum(-1).mean(-1))
+            cross = mass["video"] - mass["frame"]
+            add = {"density": (lift_t + 1e-6) / (lift_s + lift_t + 2e-6),
+                   "error": (e_s + eps) / (e_s + e_t + 2 * eps),
+                   "spatial": mass["frame"].mean(-1), "temporal": cross.mean(-1),
+                   "text": (1 - mass["video"]).mean(-1),
+                   "window": (mass["T"] / cross.clamp_min(1e-30)).mean(-1),
+                   "lift_s": lift_s, "lift_t": lift_t,
+                   "e_s": e_s / (ref + 1e-30), "e_t": e_t / (ref + 1e-30)}
+            for k, x in add.items():
+                self.sums[k][heads] += _row_sum(x)
         self.rows += rows
 
-    def finish(self, margin: float, n_inputs: int) -> AttentionRoles:
+    def finish(self, statistic: str, margin: float) -> AttentionRoles:
         if self.rows == 0:
             raise GraphoptError(f"attention '{self.name}' never ran on the calibration inputs")
-        mean = lambda t: t / self.rows  # noqa: E731
-        temporal = mean(self.temporal)
-        same = torch.where(temporal > 0, mean(self.same_pos) / temporal.clamp_min(1e-30),
-                           torch.full_like(temporal, math.nan))
-        score = mean(self.score)
-        return AttentionRoles(self.name, self.block, True, score,
-                              [role_of(float(s), margin) for s in score], mean(self.spatial),
-                              temporal, mean(self.text), same, mean(self.e_s), mean(self.e_t))
+        mean = {k: v / self.rows for k, v in self.sums.items()}
+        score = mean["density" if statistic == "attention-density" else "error"]
+        return AttentionRoles(
+            self.name, self.block, True, score, [role_of(float(s), margin) for s in score],
+            mean["density"], mean["error"], mean["spatial"], mean["temporal"], mean["text"],
+            mean["window"], mean["lift_s"], mean["lift_t"], mean["e_s"], mean["e_t"])
 
 
 def _values(call: SdpaCall, heads: slice) -> torch.Tensor:

@@ -57,8 +57,8 @@ def known_role_graph() -> DiTGraph:
 
 
 @functools.lru_cache(maxsize=None)
-def known_roles() -> HeadRoles:
-    return head_roles(known_role_graph())
+def known_roles(statistic: str = "attention-density", radius: int = 1) -> HeadRoles:
+    return head_roles(known_role_graph(), HeadRolesOptions(statistic=statistic, radius=radius))
 
 
 def test_constructed_roles_are_found():
@@ -66,20 +66,52 @@ def test_constructed_roles_are_found():
     assert set(roles.attentions) == set(SELF)          # cross-attention has no role
     for name in SELF:
         a = roles.attentions[name]
-        assert a.measured
+        assert a.measured and torch.equal(a.temporal_score, a.density_score)
         assert a.roles[TEMPORAL] == "temporal" and a.temporal_score[TEMPORAL] > 0.95
         assert a.roles[SPATIAL] == "spatial" and a.temporal_score[SPATIAL] < 0.05
-        assert a.roles[2] == a.roles[3] == "spatial"    # uniform: the frame mask is closer
+        # Near-uniform heads look everywhere alike: neither role.
+        assert a.roles[2] == a.roles[3] == "mixed"
+        assert ((a.temporal_score[2:] - 0.5).abs() < 0.05).all()
         # The temporal head puts 3/4 of its mass on the other 3 frames, all at its own (y, x).
         assert abs(float(a.temporal_mass[TEMPORAL]) - 0.75) < 0.01
-        assert a.same_position[TEMPORAL] > 0.99
+        assert a.window_share[TEMPORAL] > 0.99
         assert a.spatial_mass[SPATIAL] > 0.99
-        # Near-uniform heads: 1 of the 16 positions of each other frame.
-        assert abs(float(a.same_position[2]) - 1 / 16) < 0.01
+        # Uniform over its own frame (self excepted, 15 of 64 video keys): 4x uniform density.
+        assert abs(float(a.spatial_lift[SPATIAL]) - 4.0) < 0.05
+        assert a.temporal_lift[TEMPORAL] > 1.5 and a.spatial_lift[TEMPORAL] < 1e-3
         total = a.spatial_mass + a.temporal_mass + a.text_mass
         assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
         assert a.error_temporal[TEMPORAL] < 1e-6 < a.error_spatial[TEMPORAL]
+    assert roles.counts() == {"spatial": 2, "temporal": 2, "mixed": 4}
+
+
+def test_output_error_at_radius_zero_is_sparse_videogens_test():
+    roles = known_roles("output-error", 0)
+    for name in SELF:
+        a = roles.attentions[name]
+        assert torch.equal(a.temporal_score, a.error_score)
+        assert a.temporal_score[TEMPORAL] > 0.95 and a.temporal_score[SPATIAL] < 0.05
+        assert a.roles[2] == a.roles[3] == "spatial"    # uniform: the frame mask is closer
+        # Radius 0: the place is the query's own (y, x), 1 of the 16 positions of each frame.
+        assert abs(float(a.window_share[2]) - 1 / 16) < 0.01
     assert roles.counts() == {"spatial": 6, "temporal": 2, "mixed": 0}
+
+
+def test_shipped_teacher_has_temporal_heads():
+    """On the trained tiny-wan (calibration clips of its data) density finds temporal heads whose
+    own frame gets less than uniform attention; Sparse VideoGen's same-place output test finds none."""
+    from graphopt.tiny.testbed import calibration_inputs as clips, capture_teacher
+
+    graph, config = capture_teacher()
+    inputs = clips(config, timesteps=(875.0, 375.0))
+    density = head_roles(graph, inputs=inputs)
+    assert density.counts()["temporal"] >= 4
+    temporal = [(a, h) for a in density.attentions.values() for h, r in enumerate(a.roles)
+                if r == "temporal"]
+    assert min(float(a.spatial_lift[h]) for a, h in temporal) < 0.5
+    assert max(float(a.temporal_lift[h]) for a, h in temporal) > 4.0
+    svg = head_roles(graph, HeadRolesOptions(statistic="output-error", radius=0), inputs=inputs)
+    assert svg.counts()["temporal"] == 0
 
 
 def test_without_family_the_token_layout_suffices():
@@ -120,7 +152,7 @@ def test_plot_table_and_cached_analysis(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     assert [p.name for p in tmp_path.iterdir()] == ["roles.png"]    # no temp file left behind
     assert roles.to_table().row_count == 2
-    assert "| blocks.0.attn1 | 0 | measured | 3 | 1 | 0 | T1.00 S0.00" in roles.to_markdown()
+    assert "| blocks.0.attn1 | 0 | measured | 1 | 1 | 2 | T1.00 S0.00 M0.5" in roles.to_markdown()
     g = known_role_graph().copy()
     first = g.analysis("head-roles", timesteps=1)
     assert g.analysis("head-roles", timesteps=1) is first
@@ -133,6 +165,10 @@ def test_options_are_validated():
         HeadRolesOptions(timesteps=0)
     with pytest.raises(GraphoptError, match="queries"):
         HeadRolesOptions(queries=0)
+    with pytest.raises(GraphoptError, match="statistic must be one of"):
+        HeadRolesOptions(statistic="svg")
+    with pytest.raises(GraphoptError, match="radius must be an int >= 0"):
+        HeadRolesOptions(radius=-1)
 
 
 def test_calibration_inputs_are_seeded_and_spread():

@@ -45,7 +45,7 @@ def test_role_aware_is_sensitivity_normalised_per_role():
     aware = head_importance(g, "role-aware", attentions=SELF, inputs=inputs, temporal_factor=1.5)
     roles = known_roles()
     groups = {r: [float(sens[n][h]) for n in SELF for h in range(4)
-                  if roles.roles(n)[h] == r] for r in ("spatial", "temporal")}
+                  if roles.roles(n)[h] == r] for r in ("spatial", "temporal", "mixed")}
     for name in SELF:
         for h in range(4):
             role = roles.roles(name)[h]
@@ -74,7 +74,7 @@ def test_head_importance_pass_and_plot(tmp_path):
     result = g.analysis("head-importance", criterion="role-aware", timesteps=2,
                         attentions=tuple(SELF))
     assert isinstance(result, HeadImportance) and set(result.scores) == set(SELF)
-    assert result.groups["blocks.0.attn1"] == ["temporal", "spatial", "spatial", "spatial"]
+    assert result.groups["blocks.0.attn1"] == ["temporal", "spatial", "mixed", "mixed"]
     assert int(result.scores["blocks.0.attn1"].argmin()) == WEAK
     result.plot(tmp_path / "importance.png")
     assert (tmp_path / "importance.png").read_bytes()[:4] == b"\x89PNG"
