@@ -280,7 +280,7 @@ class DiTGraph:
         """The cached result of analysis pass `name` (run once per graph version and options)."""
         from graphopt.pass_manager import get_pass
 
-        key = (name, tuple(sorted(options.items())))
+        key = (name, _frozen(options))
         if key not in self.analyses:
             self.analyses[key] = self.reports[name] = get_pass(name)(**options).run(self)
         return self.analyses[key]
@@ -426,3 +426,12 @@ def _elementwise_reach(up: fx.Node) -> fx.Node | None:
 
 
 _GATED_SPLITS = {aten.chunk.default, aten.split.Tensor, operator.getitem}
+
+
+def _frozen(value):
+    """A hashable stand-in for analysis options (dicts and lists nested in them included)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value

@@ -66,14 +66,31 @@ class HeadImportanceOptions:
     data: str | None = None                    # calibration inputs from a .safetensors file
     attentions: tuple[str, ...] | None = None  # score these attentions (default: all prunable)
     offload: str | None = None                 # run on this device, one block's weights at a time
+    roles: dict | None = None                  # role-aware: head-roles options, e.g. {"radius": 2}
 
     def __post_init__(self):
         _check(self.criterion, self.temporal_factor, self.method, self.probes)
+        self.roles = role_options(self.roles)
         if isinstance(self.timesteps, list):
             self.timesteps = tuple(self.timesteps)
         check_calibration(self.timesteps, self.samples)
         if self.attentions is not None:
             self.attentions = tuple(self.attentions)
+
+
+def role_options(roles: dict | None) -> dict:
+    """Validated head-roles options for role-aware ranking (`HeadRolesOptions` fields)."""
+    if roles is None:
+        return {}
+    if not isinstance(roles, dict):
+        raise GraphoptError(f"roles must be a dict of head-roles options, e.g. "
+                            f"{{\"statistic\": \"output-error\", \"radius\": 0}}, got {roles!r}")
+    fields = set(HeadRolesOptions.__dataclass_fields__)
+    unknown = sorted(set(roles) - fields)
+    if unknown:
+        raise GraphoptError(f"roles option(s) {unknown} unknown; head-roles takes {sorted(fields)}")
+    HeadRolesOptions(**roles)
+    return dict(roles)
 
 
 def _check(criterion, temporal_factor, method, probes):
@@ -131,9 +148,9 @@ class HeadImportancePass(Pass):
                                         seed=o.seed, data=o.data)
         roles = None
         if o.criterion == "role-aware":
-            roles = head_roles(graph, HeadRolesOptions(timesteps=o.timesteps, samples=o.samples,
-                                                       seed=o.seed, data=o.data,
-                                                       offload=o.offload), inputs=inputs)
+            roles = head_roles(graph, HeadRolesOptions(**{
+                "timesteps": o.timesteps, "samples": o.samples, "seed": o.seed, "data": o.data,
+                "offload": o.offload, **o.roles}), inputs=inputs)
         scores = head_importance(graph, o.criterion, temporal_factor=o.temporal_factor,
                                  attentions=o.attentions, inputs=inputs, method=o.method,
                                  probes=o.probes, seed=o.seed, roles=roles, offload=o.offload)
@@ -144,11 +161,13 @@ class HeadImportancePass(Pass):
 def head_importance(graph, criterion: str = "role-aware", *, temporal_factor: float = 1.5,
                     attentions=None, inputs: list[dict] | None = None, method: str = "taylor",
                     probes: int = 4, seed: int = 0, roles: HeadRoles | None = None,
+                    role_options: dict | None = None,
                     offload: str | None = None) -> dict[str, torch.Tensor]:
     """Importance of each head of `attentions` (default: every prunable one) by `criterion`.
 
     `inputs` (model kwargs) replaces the default calibration inputs; `roles` a head-roles result
-    (default: `graph.analysis("head-roles")`, or head-roles on `inputs` when they are given).
+    (default: `graph.analysis("head-roles", **role_options)`, or head-roles with `role_options`
+    on `inputs` when they are given).
     `offload`: run on that device with one block's weights there at a time (calibration.py).
     """
     _check(criterion, temporal_factor, method, probes)
@@ -159,8 +178,10 @@ def head_importance(graph, criterion: str = "role-aware", *, temporal_factor: fl
     own_inputs = inputs is not None
     if roles is None and criterion == "role-aware":
         # Roles first: a graph without a video token layout fails before the costly part.
-        roles = head_roles(graph, HeadRolesOptions(offload=offload), inputs=inputs) \
-            if own_inputs or offload else graph.analysis("head-roles")
+        role_options = role_options or {}
+        roles = head_roles(graph, HeadRolesOptions(**{"offload": offload, **role_options}),
+                           inputs=inputs) \
+            if own_inputs or offload else graph.analysis("head-roles", **role_options)
     if not own_inputs:
         inputs = calibration_inputs(graph)
     sensitivity = head_sensitivity(graph, names, inputs, method=method, probes=probes, seed=seed,

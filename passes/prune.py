@@ -30,6 +30,7 @@ class PruneOptions:
     kinds: tuple[str, ...] = ("self", "cross", "joint")   # which attentions may lose heads
     criterion: str = "role-aware"      # "magnitude", "sensitivity" or "role-aware"
     temporal_factor: float = 1.5       # role-aware: temporal heads' importance is multiplied by this
+    roles: dict | None = None          # role-aware: head-roles options, e.g. {"statistic": "output-error"}
     # Kept heads per attention, given (e.g. ranked on a GPU elsewhere): no ranking is computed,
     # so this is how a meta-device graph (no weights) is pruned. The options above are then unused.
     heads: dict[str, list[int]] | None = None
@@ -48,6 +49,8 @@ class PruneOptions:
                                 f"sensitivity or role-aware")
         if self.temporal_factor <= 0:
             raise GraphoptError(f"temporal_factor must be > 0, got {self.temporal_factor}")
+        from graphopt.passes.importance import role_options
+        self.roles = role_options(self.roles)
         if self.heads is not None:
             if not isinstance(self.heads, dict) or not all(
                     isinstance(v, (list, tuple)) and all(isinstance(h, int) for h in v)
@@ -85,7 +88,7 @@ class Prune(Pass):
             raise GraphoptError("no prunable attention matches prune kinds "
                                 f"{list(o.kinds)}; see `graphopt inspect` for what was found")
         scores = head_importance(graph, o.criterion, temporal_factor=o.temporal_factor,
-                                 attentions=[a.name for a in candidates])
+                                 attentions=[a.name for a in candidates], role_options=o.roles)
         graph.reports["head-importance"] = HeadImportance(o.criterion, scores)
         return {"heads": select_heads(candidates, scores, o.ratio, o.min_heads, o.per_layer),
                 "original_heads": {a.name: a.heads for a in candidates}}

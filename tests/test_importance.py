@@ -90,3 +90,17 @@ def test_bad_options_and_meta_graph():
         head_importance(meta, "role-aware")
     with pytest.raises(GraphoptError, match="meta device"):
         head_importance(meta, "magnitude")
+
+
+def test_role_aware_takes_head_roles_options():
+    g = known_role_graph().copy()
+    svg = g.analysis("head-importance", criterion="role-aware", timesteps=2, attentions=tuple(SELF),
+                     roles={"statistic": "output-error", "radius": 0})
+    assert svg.groups["blocks.0.attn1"] == ["temporal", "spatial", "spatial", "spatial"]
+    p = g.copy()
+    Prune(ratio=0.25, kinds=("self",), roles={"statistic": "output-error", "radius": 0}).run(p)
+    assert p.reports["head-roles"].statistic == "output-error" and p.reports["head-roles"].radius == 0
+    with pytest.raises(GraphoptError, match=r"roles option\(s\) \['statistc'\] unknown"):
+        Prune(roles={"statistc": "output-error"})
+    with pytest.raises(GraphoptError, match="statistic must be one of"):
+        HeadImportanceOptions(roles={"statistic": "svg"})
