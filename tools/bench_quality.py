@@ -1,9 +1,10 @@
-"""Quality at matched compute: the shipped tiny teacher, compressed four ways, before and after distillation.
+"""Quality at matched compute: the shipped tiny teacher, compressed five ways, before and after distillation.
 
 Rows, at each target per-step FLOPs ratio (--targets, default 0.7 and 0.5):
 
 - prune, magnitude: attention heads (self and cross) with the smallest q/k/v/out weight norms removed;
-- prune, role-aware: PARE's criterion (Taylor sensitivity, temporal heads ×1.5) on real calibration clips;
+- prune, sensitivity: the Taylor estimate of each head's output change, on real calibration clips;
+- prune, role-aware: PARE's criterion (that sensitivity normalised per head role, temporal heads ×1.5);
 - drop, hierarchical: VDMini's policy, whole shallow blocks removed (the deep half is protected);
 - route: PARE's router (timestep + content) over every block, budget = the target;
 - and each of those after a short distillation (graphopt.distill: output + ICD (+ MCA) losses, and the
@@ -126,17 +127,19 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher, config = capture_teacher()
     calib = calibration_inputs(config)
-    console.print("ranking heads (magnitude; role-aware on calibration clips) and blocks ...")
+    console.print("ranking heads (magnitude; sensitivity and role-aware on calibration clips) and blocks ...")
     attentions = [a.name for a in teacher.attentions.values() if a.prunable and a.kind in ("self", "cross")
                   and a.block is not None]
     roles = head_roles(teacher, inputs=calib)
     magnitude = head_importance(teacher, "magnitude", attentions=attentions)
+    sensitivity = head_importance(teacher, "sensitivity", attentions=attentions, inputs=calib)
     role_aware = head_importance(teacher, "role-aware", attentions=attentions, inputs=calib, roles=roles)
     ranking = rank_blocks(block_importance(teacher).scores(), "hierarchical", 0.5)
 
     rows = [("teacher", teacher)]
     for target in tqdm(targets, desc="compressing"):
         rows += [(f"prune magnitude @{target:g}", pruned_to(teacher, magnitude, target)),
+                 (f"prune sensitivity @{target:g}", pruned_to(teacher, sensitivity, target)),
                  (f"prune role-aware @{target:g}", pruned_to(teacher, role_aware, target)),
                  (f"drop hierarchical @{target:g}", dropped_to(teacher, ranking, target)),
                  (f"route @{target:g}", routed_at(teacher, target))]
