@@ -30,6 +30,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
+from graphopt.records import RecentRecords
 from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, next_name
 
 TORCH_DTYPES = {
@@ -157,7 +158,7 @@ class SegmentedModel(TransformerFacade):
         if len(runners) != len(manifest.segments):
             raise GraphoptError(f"backend returned {len(runners)} runners for {len(manifest.segments)} segments")
         self.prologue, *self.blocks, self.epilogue = runners
-        self.records: list[StepRecord] = []
+        self.records = RecentRecords()
         self._context: str | None = None
         self._force: np.ndarray | str | None = None
         self.force_gates = force_gates
@@ -246,7 +247,7 @@ class SegmentedModel(TransformerFacade):
             torch.cuda.synchronize(self.device)
         self.records.append(
             StepRecord(
-                step=len(self.records),
+                step=self.records.total,
                 context=self._context,
                 executed=tuple(executed),
                 skipped=tuple(skipped),

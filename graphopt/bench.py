@@ -123,15 +123,10 @@ def executed_flops(graph, inputs: list[dict]) -> list[int]:
     router = getattr(graph.gm, "router", None)
     if router is None:
         return [model_cost(graph).flops] * len(inputs)
-    saved = router.record, router.history
-    router.record, router.history = True, []
-    try:
-        with torch.no_grad():
-            for feed in inputs:
-                graph.gm(**feed, **fixed_inputs(graph))
+    with router.recording(), torch.no_grad():
+        for feed in inputs:
+            graph.gm(**feed, **fixed_inputs(graph))
         return [s["executed_flops"] for s in router.step_flops()]
-    finally:
-        router.record, router.history = saved
 
 
 def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, repeats: int = 5,

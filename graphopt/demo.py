@@ -157,11 +157,10 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
     sampling = {"steps": settings.sample_steps, "guidance": 4.0, "seed": 0}
     teacher_clips = sample_clips(teacher, config, conditions, **sampling)
     router = student.gm.router
-    router.record, router.history = True, []
-    student_clips = sample_clips(student, config, conditions, **sampling)
-    router.plot_decisions(out / "router_decisions.png", names=[f"block {i}" for i in range(router.n_blocks)])
-    per_step = router.step_flops()
-    router.record, router.history = False, []
+    with router.recording():
+        student_clips = sample_clips(student, config, conditions, **sampling)
+        router.plot_decisions(out / "router_decisions.png", names=[f"block {i}" for i in range(router.n_blocks)])
+        per_step = router.step_flops()
     # The router's fractions are of the pruned student's dense FLOPs; the plot and summary use the teacher's.
     scale = (router.fixed_flops + sum(router.block_flops)) / info["totals"]["flops_per_step"]
     per_step = [{"step": s["step"], "batch": s["fraction"] * scale,

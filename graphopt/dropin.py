@@ -27,6 +27,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import TensorSpec
 from graphopt.exporters.runtime import TORCH_DTYPES, StepRecord, TransformerFacade, model_feeds
+from graphopt.records import RecentRecords
 
 BATCH = "batch"
 _DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -64,7 +65,7 @@ class FacadeModel(TransformerFacade):
         self._input_specs = tuple(specs)
         self.blocks = [(b["block"], b["gate"]) for b in blocks]
         self._context: str | None = None
-        self.records: list[StepRecord] = []
+        self.records = RecentRecords()
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
         """(model outputs, the router's hard gates [batch, n_routed] on the host, or None)."""
@@ -84,7 +85,7 @@ class FacadeModel(TransformerFacade):
         ran = gates.any(0) if gates is not None else None
         executed = tuple(b for b, g in self.blocks if g is None or (ran is not None and ran[g]))
         skipped = tuple(b for b, g in self.blocks if g is not None and ran is not None and not ran[g])
-        self.records.append(StepRecord(len(self.records), self._context, executed, skipped, gates,
+        self.records.append(StepRecord(self.records.total, self._context, executed, skipped, gates,
                                        seconds))
         return Transformer2DModelOutput(sample=values[0]) if return_dict else values
 
@@ -115,10 +116,10 @@ class GraphTransformer(FacadeModel):
             self.router.record = True
 
     def _run(self, feeds):
-        seen = len(self.router.history) if self.router is not None else 0
+        seen = self.router.history.total if self.router is not None else 0
         out = self.graph.gm(**feeds, **self.fixed)
         values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         gates = None
-        if self.router is not None and len(self.router.history) > seen:
+        if self.router is not None and self.router.history.total > seen:
             gates = self.router.history[-1]["gates"].numpy()
         return values, gates

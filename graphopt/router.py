@@ -33,6 +33,7 @@ routing stochastic; call `gm.train()` to train it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -42,6 +43,7 @@ from torch import nn
 
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
+from graphopt.records import RecentRecords
 
 MODES = ("mlp", "schedule")
 TIME_FEATURES = 64        # sinusoidal features of a raw timestep, where there is no embedding
@@ -71,7 +73,7 @@ class Router(nn.Module):
         self.budget = budget
         self.force_gates = None
         self.record = True          # eval-mode calls append their decisions to `history`
-        self.history: list[dict] = []
+        self.history = RecentRecords()
         self.gate_probs: torch.Tensor | None = None       # set by every call that computes logits
         self.exec_fraction: torch.Tensor | None = None
         with torch.random.fork_rng(devices=[]):
@@ -202,7 +204,18 @@ class Router(nn.Module):
         return out
 
     def clear_history(self) -> None:
-        self.history = []
+        self.history.clear()
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record this block of calls into a fresh history; the previous setting and history come
+        back afterwards (benchmarks and plots count only their own calls)."""
+        saved = self.record, self.history
+        self.record, self.history = True, RecentRecords()
+        try:
+            yield self.history
+        finally:
+            self.record, self.history = saved
 
     def plot_decisions(self, path, names: list[str] | None = None) -> None:
         """PNG heat map, recorded steps × routable blocks: share of the batch's samples that ran."""

@@ -234,10 +234,9 @@ class GraphPair:
         fractions = []
         for inputs in batches:
             with self._router_mode(hard_gates=True, router_off=False):
-                router.record, kept = True, len(router.history)
-                self.student(**_cast(self.student_graph, inputs))
-                fractions += [f for s in router.step_flops()[kept:] for f in s["sample_fractions"]]
-                del router.history[kept:]
+                with router.recording():
+                    self.student(**_cast(self.student_graph, inputs))
+                    fractions += [f for s in router.step_flops() for f in s["sample_fractions"]]
         return sum(fractions) / len(fractions)
 
     # -- after training

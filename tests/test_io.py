@@ -37,3 +37,20 @@ def test_atomic_dir_is_an_ordinary_folder(tmp_path):
         (tmp / "a.txt").write_text("a")
     assert (tmp_path / "out" / "a.txt").read_text() == "a"
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_recent_records_keep_the_last_calls_and_count_them_all():
+    from graphopt.records import RecentRecords
+
+    records = RecentRecords(maxlen=3)
+    for step in range(5):
+        records.append(step)
+    assert list(records) == [2, 3, 4] and records.total == 5
+    records.clear()
+    assert not records and records.total == 0
+    import copy
+
+    records.append("a")
+    twin = copy.deepcopy(records)
+    assert list(twin) == ["a"] and twin.total == 1 and twin.maxlen == 3
+    assert records[-1] == "a" and records[:5] == ["a"]

@@ -27,6 +27,7 @@ every row, same seed and condition).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -156,18 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     reference = None
     for name, graph in tqdm(rows, desc="sampling"):
         router = getattr(graph.gm, "router", None)
-        if router is not None:
-            router.record, router.history = True, []
-        scores, clips = quality(graph, config, data, reference, **sampling)
+        with router.recording() if router is not None else contextlib.nullcontext():
+            scores, clips = quality(graph, config, data, reference, **sampling)
+            if router is not None:
+                fractions = [f for step in router.step_flops() for f in step["sample_fractions"]]
         if reference is None:                      # the teacher: fidelity columns against itself
             reference = clips
             scores = evaluate_clips(config, clips, data, reference=reference)
-        if router is not None:
-            fractions = [f for step in router.step_flops() for f in step["sample_fractions"]]
-            flops = sum(fractions) / len(fractions)
-            router.record, router.history = False, []
-        else:
-            flops = flops_ratio(graph, teacher)
+        flops = sum(fractions) / len(fractions) if router is not None else flops_ratio(graph, teacher)
         results.append((name, flops, scores))
         grid.append((name, clips))
 
