@@ -260,7 +260,59 @@ def _save(program, path: Path, metadata: Mapping[str, str] | None = None) -> Non
     for key, value in (metadata or {}).items():
         program.model.metadata_props[key] = value
     program.save(str(path))          # onnxscript moves weights to `<name>.data` above 2 GB
+    model = onnx.load(str(path), load_external_data=False)
+    if _bool_where_to_uint8(model):
+        onnx.save(model, str(path))  # weights stay where they are: only node lists changed
     onnx.checker.check_model(str(path))
+
+
+def _bool_where_to_uint8(model) -> int:
+    """Rewrite every Where on bool values (e.g. a bool mask's masked_fill) as Where on uint8
+    between Casts: onnxruntime's CPU kernel has no bool Where. Returns how many were rewritten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types: dict[str, int] = {}
+
+    def collect(graph):
+        for v in [*graph.input, *graph.output, *graph.value_info]:
+            types[v.name] = v.type.tensor_type.elem_type
+        for init in graph.initializer:
+            types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant":
+                types.update({o: a.t.data_type for o in node.output for a in node.attribute
+                              if a.name == "value"})
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    collect(a.g)
+
+    collect(inferred.graph)
+    count = 0
+
+    def rewrite(graph):
+        nonlocal count
+        nodes = []
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    rewrite(a.g)
+            if node.op_type != "Where" or types.get(node.output[0]) != TensorProto.BOOL:
+                nodes.append(node)
+                continue
+            cond, x, y = node.input
+            tag = f"{node.name or node.output[0]}_u8"
+            nodes += [helper.make_node("Cast", [x], [f"{tag}_x"], to=TensorProto.UINT8),
+                      helper.make_node("Cast", [y], [f"{tag}_y"], to=TensorProto.UINT8),
+                      helper.make_node("Where", [cond, f"{tag}_x", f"{tag}_y"], [tag], name=node.name),
+                      helper.make_node("Cast", [tag], [node.output[0]], to=TensorProto.BOOL)]
+            count += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    rewrite(model.graph)
+    return count
 
 
 def block_table(graph) -> list[dict]:
@@ -464,16 +516,22 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     writer = {o: u for u in units for o in u.stream_out}
     model_inputs = [p for p in graph.placeholders() if isinstance(p.meta.get("val"), torch.Tensor)]
 
-    # Stream names follow each block's in -> out pairing; each block must read what the last wrote.
+    # Stream names follow each block's in -> out pairing; each block reads what the last wrote. A
+    # block may carry fewer streams than the one before (HunyuanVideo's last single-stream block
+    # writes only the video tokens): the others pass through its segment unchanged.
     stream_of = {n: stream[j] for j, n in enumerate(units[0].stream_in)}
+    current = list(units[0].stream_in)                 # the node holding each stream, in order
+    passthrough: dict[str, list[fx.Node]] = {}
     for prev, unit in zip([None, *units], units):
-        if prev is not None and (set(unit.stream_in) != set(prev.stream_out) or len(unit.stream_in) != width):
+        if not set(unit.stream_in) <= set(current) or len(unit.stream_in) != len(unit.stream_out):
             raise GraphoptError(
                 f"block '{unit.name}' reads {[n.name for n in unit.stream_in]} but '{prev.name}' writes "
                 f"{[n.name for n in prev.stream_out]}: something runs on the stream between them, which the "
                 "segmented contract has no place for; export with layout='single'")
+        passthrough[unit.name] = [n for n in current if n not in unit.stream_in]
         for n_in, n_out in zip(unit.stream_in, unit.stream_out):
             stream_of[n_out] = stream_of[n_in]
+            current[current.index(n_in)] = n_out
 
     side: dict[fx.Node, None] = {}       # values the prologue hands to blocks and epilogue (ordered set)
 
@@ -495,7 +553,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     plans: list[_SegmentPlan] = []
     for unit in units:
         cut = _Cut(gm)
-        for node in unit.stream_in:
+        for node in [*unit.stream_in, *passthrough[unit.name]]:
             cut.bind(node, stream_of[node])
         boundary = needs_prologue(f"block '{unit.name}'")
         if unit.body is not None:
@@ -506,11 +564,15 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
                     cut.copy(m, boundary)
             outputs = [cut.env[o] for o in unit.stream_out]
         by_name = {stream_of[o]: v for o, v in zip(unit.stream_out, outputs)}
+        for n in passthrough[unit.name]:        # a copy: the ONNX exporter renames an input returned as is
+            copy = cut.graph.call_function(aten.clone.default, (cut.env[n],))
+            copy.meta.update(cut.env[n].meta)
+            by_name[stream_of[n]] = copy
         plans.append(_SegmentPlan("block", f"block_{unit.index:02d}.onnx", cut.module([by_name[s] for s in stream]),
                                   cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate))
 
     epi = _Cut(gm)
-    for node in units[-1].stream_out:
+    for node in current:
         epi.bind(node, stream_of[node])
     boundary = needs_prologue("the model's output", allow_stream=True)
     results = list(gm.graph.output_node().args[0])
@@ -631,7 +693,7 @@ def _export_segmented(graph, out: Path, opset: int) -> None:
         inputs=tuple(model_inputs), outputs=segments[-1].outputs, stream=tuple(stream), gates=gates,
         segments=tuple(segments), dims={BATCH: BATCH_RANGE}, batch_dim=BATCH,
         config=_jsonable_config(graph.config))
-    manifest.save(out / MANIFEST_FILE).chmod(0o644)
+    manifest.save(out / MANIFEST_FILE)
 
 
 # -- loading --------------------------------------------------------------------------------------

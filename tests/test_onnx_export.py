@@ -1,7 +1,7 @@
 """ONNX export (single file with If, segmented) + onnxruntime vs PyTorch, float32, rel. error < 1e-4.
 
 Fast: the tiny Wan family config (2 blocks) routed, both layouts, forced and router-decided gates;
-LTX-Video plain (single file); `graphopt export --format trt` end to end on the shipped teacher
+HunyuanVideo routed (segmented); LTX-Video plain (single file); `graphopt export --format trt` end to end on the shipped teacher
 compressed with prune,route. Slow: the shipped teacher routed, both layouts.
 """
 import numpy as np
@@ -124,6 +124,26 @@ def test_router_decided_gates_match_pytorch(routed_wan, layout):
         np.testing.assert_array_equal(model.records[-1].gates, gates)
         seen |= {int(c.sum()) for c in gates.T}
     assert seen == {0, 1, 2}, f"router decisions did not cover all-off/mixed/all-on columns: {seen}"
+
+
+def test_segmented_hunyuan_video_routed_matches_pytorch(tmp_path):
+    """HunyuanVideo: double-stream blocks carry video and text tokens, its last single-stream block
+    writes only the video tokens (the text stream passes through its segment), and a bool attention
+    mask is built with a bool Where (rewritten to uint8 for onnxruntime)."""
+    graph = capture(build_model("hunyuan-video"))
+    PassManager([Route(budget=0.6)]).run(graph)
+    path = export_onnx(graph, tmp_path / "hunyuan", layout="segmented")
+    manifest = SegmentedManifest.load(path)
+    assert manifest.stream == ("stream_0", "stream_1") and manifest.n_routed == 4
+    for report in check_segmented(manifest):
+        assert report.ok, report.render()
+    model = load_onnx(path)
+    inputs = _batch2(graph, seed=3)
+    mask = np.array([[True, False, True, False], [False, True, False, True]])
+    for force in (mask, None):
+        model.force_gates = force
+        expected = _reference(graph, inputs, None if force is None else torch.from_numpy(force))
+        assert rel_error(model(**inputs, return_dict=False)[0], expected) < TOL
 
 
 def test_single_file_ltx_plain_matches_pytorch(tmp_path):
