@@ -370,8 +370,8 @@ class _RoleStatistic:
         m = self._masks(qi, call.q.device)
         # |S|/|V| and |T|/|V| per query: the mass uniform attention over video keys puts there.
         count = {k: m[k].sum(-1).double() for k in ("video", "S", "T")}
-        uniform_s = count["S"] / count["video"]
-        uniform_t = (count["T"] / count["video"]).clamp_min(1e-30)   # radius 0 at one frame
+        uniform_s = (count["S"] / count["video"]).clamp_min(1e-30)   # a frame of one token
+        uniform_t = (count["T"] / count["video"]).clamp_min(1e-30)   # a clip of one frame
         spatial_keep = m["S"] | m["own"] | ~m["video"]
         temporal_keep = m["T"] | m["own"] | ~m["video"]
         qi = qi.to(call.q.device)
