@@ -22,6 +22,7 @@ The manifest file (all keys required unless marked optional):
       "batch_dim": "batch",                        # symbolic name of the batch axis (axis 0 of stream/gates)
       "dims": {"batch": {"min": 1, "opt": 2, "max": 4}},   # optional: TensorRT profile range per symbolic dim
       "config": {...},                             # optional: the source transformer's config (model.config)
+      "fixed_inputs": {"num_frames": 8, ...},      # optional: non-tensor forward arguments baked in at export
       "inputs":  [{"name": "hidden_states", "dtype": "float32", "shape": ["batch", 16, 21, 60, 104]}, ...],
       "outputs": [{"name": "sample", "dtype": "float32", "shape": [...]}],   # outputs[0] is what the call returns first
       "stream": ["x"],                             # residual-stream tensor names (prologue outputs)
@@ -230,6 +231,7 @@ class SegmentedManifest:
     dims: dict[str, DimRange] = field(default_factory=dict)
     batch_dim: str = "batch"
     config: dict[str, Any] = field(default_factory=dict)
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
 
     def __post_init__(self) -> None:
@@ -423,6 +425,7 @@ class SegmentedManifest:
             "batch_dim": self.batch_dim,
             "dims": {k: {"min": v.min, "opt": v.opt, "max": v.max} for k, v in self.dims.items()},
             "config": self.config,
+            "fixed_inputs": self.fixed_inputs,
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "stream": list(self.stream),
@@ -449,6 +452,7 @@ class SegmentedManifest:
             dims={k: DimRange(**v) for k, v in data.get("dims", {}).items()},
             batch_dim=data.get("batch_dim", "batch"),
             config=dict(data.get("config", {})),
+            fixed_inputs=dict(data.get("fixed_inputs", {})),
             root=root,
         )
 

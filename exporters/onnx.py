@@ -47,6 +47,7 @@ import torch
 from torch import fx
 
 from graphopt.dropin import FacadeModel, fixed_inputs
+from graphopt.exporters.runtime import check_fixed_inputs
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_dir
 from graphopt.exporters.manifest import (
@@ -240,9 +241,12 @@ def _onnx_export(module: torch.nn.Module, args: tuple, names: Sequence[str], bat
             lg.setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            # torch.export first, non-strict: the ONNX exporter's own tracing of LTX-Video's block
+            # segments failed to relate a view's size to the symbolic batch; this one does not.
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             return torch.onnx.export(
-                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                output_names=list(output_names), optimize=True, verbose=False, report=False)
+                program, args, dynamo=True, opset_version=opset, output_names=list(output_names),
+                optimize=True, verbose=False, report=False)
     except GraphoptError:
         raise
     except Exception as exc:  # the exporter raises many types; name the segment and the first line
@@ -261,9 +265,36 @@ def _save(program, path: Path, metadata: Mapping[str, str] | None = None) -> Non
         program.model.metadata_props[key] = value
     program.save(str(path))          # onnxscript moves weights to `<name>.data` above 2 GB
     model = onnx.load(str(path), load_external_data=False)
-    if _bool_where_to_uint8(model):
-        onnx.save(model, str(path))  # weights stay where they are: only node lists changed
+    if _name_batch_dims(model) + _bool_where_to_uint8(model):
+        onnx.save(model, str(path))  # weights stay where they are: only names and nodes changed
     onnx.checker.check_model(str(path))
+
+
+def _name_batch_dims(model) -> int:
+    """Call the batch axis BATCH in every declared shape (inputs, outputs, value_info, subgraphs
+    included). torch.export names it after its symbol (s0, s31, ...); the batch is the one dynamic
+    axis of an export, so every such symbol is the batch. Returns how many dims were renamed."""
+    import re
+
+    import onnx
+
+    symbol = re.compile(r"\bs\d+\b")
+    count = 0
+
+    def rename(graph):
+        nonlocal count
+        for v in [*graph.input, *graph.output, *graph.value_info]:
+            for d in v.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and symbol.search(d.dim_param):
+                    d.dim_param = symbol.sub(BATCH, d.dim_param)
+                    count += 1
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    rename(a.g)
+
+    rename(model.graph)
+    return count
 
 
 def _bool_where_to_uint8(model) -> int:
@@ -336,10 +367,15 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     with tqdm(total=1, desc="ONNX export (single file)", unit="file", leave=False) as bar:
         program = _onnx_export(module, tuple(inputs.values()), names, batch_axes, output_names, opset,
                                "the whole model")
-        fixed = {k: v for k, v in fixed_inputs(graph).items() if k != "return_dict"}
         _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(block_table(graph)),
-                              META_FIXED: json.dumps(fixed, default=list)})
+                              META_FIXED: json.dumps(_fixed_json(graph))})
         bar.update()
+
+
+def _fixed_json(graph) -> dict[str, Any]:
+    """The non-tensor forward arguments the export bakes in (sizes, flags), as JSON values."""
+    fixed = {k: v for k, v in fixed_inputs(graph).items() if k != "return_dict"}
+    return json.loads(json.dumps(fixed, default=list))
 
 
 def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
@@ -441,6 +477,7 @@ class _Cut:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[tuple[str, fx.Node]] = []      # (name, source node in the parent graph)
+        self.writes = _inplace_writes(gm)
 
     def bind(self, node: fx.Node, name: str) -> None:
         """Make parent value `node` an input of this segment called `name`."""
@@ -469,6 +506,13 @@ class _Cut:
         for a in node.all_input_nodes:
             self.pull(a, boundary)
         self.env[node] = self.graph.node_copy(node, lambda a: self.pull(a, boundary))
+        # In-place writes into `node` through views (LTX-Video scales its rotary coordinates with
+        # copy_ into slices) have no users, so nothing pulls them: replay them now, in graph order,
+        # before any reader of `node` is copied.
+        for write in self.writes.get(node, ()):
+            for view in reversed(_view_chain(write.args[0], node)):
+                self.env[view] = self.graph.node_copy(view, lambda a: self.pull(a, boundary))
+            self.copy(write, boundary)
         return self.env[node]
 
     def module(self, outputs: Sequence[fx.Node]) -> fx.GraphModule:
@@ -478,6 +522,56 @@ class _Cut:
         module.graph.eliminate_dead_code()
         module.recompile()
         return module
+
+
+def _view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:
+    """The view ops from `node` back to `base` (node first), e.g. [slice_2] for slice(base)."""
+    chain = []
+    while node is not base:
+        chain.append(node)
+        node = node.args[0]
+    return chain
+
+
+def _inplace_writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """In-place ops whose result nobody reads, by the tensor they write (through views), in graph
+    order. Refuses a graph where that tensor is read, other than to compute the writes, before the
+    last of them: a segment could not replay the writes at one point."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.users or not isinstance(n.target, torch._ops.OpOverload) \
+                or not n.target._schema.is_mutable:
+            continue
+        base = n.args[0]
+        while base.op == "call_function" and isinstance(base.target, torch._ops.OpOverload) \
+                and base.target.is_view:
+            base = base.args[0]
+        writes.setdefault(base, []).append(n)
+    for base, ws in writes.items():
+        feeding = set()                                  # what the writes compute from
+        todo = list(ws)
+        while todo:
+            n = todo.pop()
+            if n not in feeding:
+                feeding.add(n)
+                todo.extend(n.all_input_nodes)
+        views, todo = {base}, [base]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if isinstance(u.target, torch._ops.OpOverload) and u.target.is_view and u not in views:
+                    views.add(u)
+                    todo.append(u)
+        last = max(order[w] for w in ws)
+        early = [u for v in views for u in v.users    # (a reader nobody uses, e.g. an assert, is harmless)
+                 if u not in feeding and u not in views and u.users and order[u] < last]
+        if early:
+            raise GraphoptError(
+                f"'{early[0].name}' reads '{base.name}' before the in-place write "
+                f"'{ws[-1].name}' to it: the segmented layout cannot cut this graph; export with "
+                f"layout='single'")
+    return writes
 
 
 def _recomputable(node: fx.Node) -> bool:
@@ -692,7 +786,7 @@ def _export_segmented(graph, out: Path, opset: int) -> None:
     manifest = SegmentedManifest(
         inputs=tuple(model_inputs), outputs=segments[-1].outputs, stream=tuple(stream), gates=gates,
         segments=tuple(segments), dims={BATCH: BATCH_RANGE}, batch_dim=BATCH,
-        config=_jsonable_config(graph.config))
+        config=_jsonable_config(graph.config), fixed_inputs=_fixed_json(graph))
     manifest.save(out / MANIFEST_FILE)
 
 
@@ -760,11 +854,7 @@ class SingleFileModel(FacadeModel):
         self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
 
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        for name, value in self.fixed.items():
-            given = kwargs.pop(name, None)
-            if given is not None and json.loads(json.dumps(given, default=list)) != value:
-                raise GraphoptError(f"this ONNX model was exported for {name}={value}, the call passes {given!r}: "
-                                    "re-export at this size")
+        check_fixed_inputs(self.fixed, kwargs, "ONNX model")
         return super().__call__(*args, return_dict=return_dict, **kwargs)
 
     def _run(self, feeds):

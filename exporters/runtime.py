@@ -19,6 +19,7 @@ one activation buffer): `OrtBackend` (onnxruntime, `ort_runner.py`) and `TensorR
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -209,6 +210,7 @@ class SegmentedModel(TransformerFacade):
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         if args:
             raise GraphoptError("call the segmented model with keyword arguments (hidden_states=..., timestep=...)")
+        check_fixed_inputs(self.manifest.fixed_inputs, kwargs, "segmented model")
         feeds = model_feeds(self.manifest.inputs, self.manifest.batch_dim, self.device, kwargs, "segmented model")
         outputs = self.forward(feeds)
         values = tuple(outputs[spec.name] for spec in self.manifest.outputs)
@@ -260,6 +262,16 @@ class SegmentedModel(TransformerFacade):
     def runner_calls(self) -> dict[str, int]:
         """How many times each segment ran since loading, keyed by its file stem."""
         return {r.segment.label: r.calls for r in (self.prologue, *self.blocks, self.epilogue)}
+
+
+def check_fixed_inputs(fixed: Mapping[str, Any], kwargs: dict[str, Any], what: str) -> None:
+    """Remove from `kwargs` the non-tensor arguments the export baked in (`fixed`, JSON values),
+    refusing a call that passes another value."""
+    for name, value in fixed.items():
+        given = kwargs.pop(name, None)
+        if given is not None and json.loads(json.dumps(given, default=list)) != value:
+            raise GraphoptError(f"this {what} was exported for {name}={value}, the call passes {given!r}: "
+                                "re-export at this size")
 
 
 def model_feeds(

@@ -1,7 +1,7 @@
 """ONNX export (single file with If, segmented) + onnxruntime vs PyTorch, float32, rel. error < 1e-4.
 
 Fast: the tiny Wan family config (2 blocks) routed, both layouts, forced and router-decided gates;
-HunyuanVideo routed (segmented); LTX-Video plain (single file); `graphopt export --format trt` end to end on the shipped teacher
+HunyuanVideo and LTX-Video routed (segmented); LTX-Video plain (single file); `graphopt export --format trt` end to end on the shipped teacher
 compressed with prune,route. Slow: the shipped teacher routed, both layouts.
 """
 import numpy as np
@@ -144,6 +144,25 @@ def test_segmented_hunyuan_video_routed_matches_pytorch(tmp_path):
         model.force_gates = force
         expected = _reference(graph, inputs, None if force is None else torch.from_numpy(force))
         assert rel_error(model(**inputs, return_dict=False)[0], expected) < TOL
+
+
+def test_segmented_ltx_video_routed_matches_pytorch(tmp_path):
+    """LTX-Video: its rotary coordinates are scaled in place (copy_ into slices, a write nothing
+    reads), which the prologue must replay; non-tensor inputs (num_frames, ...) are baked in and
+    recorded in the manifest."""
+    graph = capture(build_model("ltx-video"))
+    PassManager([Route(budget=0.6)]).run(graph)
+    path = export_onnx(graph, tmp_path / "ltx", layout="segmented")
+    manifest = SegmentedManifest.load(path)
+    assert manifest.fixed_inputs["num_frames"] == graph.example_inputs["num_frames"]
+    model = load_onnx(path)
+    inputs = _batch2(graph, seed=5)
+    for force in (np.array([[True, False], [False, True]]), None):
+        model.force_gates = force
+        expected = _reference(graph, inputs, None if force is None else torch.from_numpy(force))
+        assert rel_error(model(**inputs, return_dict=False)[0], expected) < TOL
+    with pytest.raises(GraphoptError, match="exported for num_frames"):
+        model(**{**inputs, "num_frames": inputs["num_frames"] + 1})
 
 
 def test_single_file_ltx_plain_matches_pytorch(tmp_path):
