@@ -228,3 +228,20 @@ def test_shipped_teacher_routed_both_layouts(tmp_path, layout):
         assert rel_error(model(**inputs, return_dict=False)[0], _reference(graph, inputs)) < TOL
     executed = sum(len(r.executed) for r in model.records) / len(model.records)
     assert executed < 8
+
+
+def test_a_read_before_an_in_place_write_is_refused():
+    """A segment replays a write where it computes the tensor; a reader of the tensor before the
+    write would then see the written value, so such a graph is refused with a clear error."""
+    from graphopt.exporters.onnx import _inplace_writes
+
+    class ReadThenWrite(torch.nn.Module):
+        def forward(self, x):
+            t = x * 1.0
+            before = t.sum()
+            t[:, 0].copy_(x[:, 1])
+            return t * before
+
+    gm = torch.export.export(ReadThenWrite(), (torch.randn(2, 3),), strict=False).module()
+    with pytest.raises(GraphoptError, match="reads 'mul' before the in-place write 'copy_'"):
+        _inplace_writes(gm)
