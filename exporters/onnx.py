@@ -472,12 +472,12 @@ class _Cut:
     """Builds one segment's fx graph: copies `compute` nodes; what they read from outside becomes a
     named input, except weights (copied as attributes), sizes and no-op casts (recomputed inside)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, writes: Mapping[fx.Node, list[fx.Node]]):
         self.gm = gm
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[tuple[str, fx.Node]] = []      # (name, source node in the parent graph)
-        self.writes = _inplace_writes(gm)
+        self.writes = writes                             # _inplace_writes(gm)
 
     def bind(self, node: fx.Node, name: str) -> None:
         """Make parent value `node` an input of this segment called `name`."""
@@ -511,7 +511,8 @@ class _Cut:
         # before any reader of `node` is copied.
         for write in self.writes.get(node, ()):
             for view in reversed(_view_chain(write.args[0], node)):
-                self.env[view] = self.graph.node_copy(view, lambda a: self.pull(a, boundary))
+                if view not in self.env:
+                    self.env[view] = self.graph.node_copy(view, lambda a: self.pull(a, boundary))
             self.copy(write, boundary)
         return self.env[node]
 
@@ -608,6 +609,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     stream = [_free_name("stream" if width == 1 else f"stream_{j}", taken) for j in range(width)]
     gates = _free_name(GATES_NAME, taken) if any(u.gate is not None for u in units) else None
     writer = {o: u for u in units for o in u.stream_out}
+    writes = _inplace_writes(gm)
     model_inputs = [p for p in graph.placeholders() if isinstance(p.meta.get("val"), torch.Tensor)]
 
     # Stream names follow each block's in -> out pairing; each block reads what the last wrote. A
@@ -617,7 +619,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     current = list(units[0].stream_in)                 # the node holding each stream, in order
     passthrough: dict[str, list[fx.Node]] = {}
     for prev, unit in zip([None, *units], units):
-        if not set(unit.stream_in) <= set(current) or len(unit.stream_in) != len(unit.stream_out):
+        if not set(unit.stream_in) <= set(current):     # (the first unit reads `current` itself)
             raise GraphoptError(
                 f"block '{unit.name}' reads {[n.name for n in unit.stream_in]} but '{prev.name}' writes "
                 f"{[n.name for n in prev.stream_out]}: something runs on the stream between them, which the "
@@ -646,7 +648,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
 
     plans: list[_SegmentPlan] = []
     for unit in units:
-        cut = _Cut(gm)
+        cut = _Cut(gm, writes)
         for node in [*unit.stream_in, *passthrough[unit.name]]:
             cut.bind(node, stream_of[node])
         boundary = needs_prologue(f"block '{unit.name}'")
@@ -665,7 +667,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
         plans.append(_SegmentPlan("block", f"block_{unit.index:02d}.onnx", cut.module([by_name[s] for s in stream]),
                                   cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate))
 
-    epi = _Cut(gm)
+    epi = _Cut(gm, writes)
     for node in current:
         epi.bind(node, stream_of[node])
     boundary = needs_prologue("the model's output", allow_stream=True)
@@ -674,7 +676,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     names = [OUTPUT_NAME] + [f"output_{k}" for k in range(1, len(results))]
     epilogue = _SegmentPlan("epilogue", "epilogue.onnx", epi.module(values), epi.inputs, names)
 
-    pro = _Cut(gm)
+    pro = _Cut(gm, writes)
     for node in model_inputs:
         pro.bind(node, node.name)
 
