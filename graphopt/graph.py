@@ -113,6 +113,16 @@ class DiTGraph:
         return self.gm(**inputs)
 
     @property
+    def timestep_input(self) -> str:
+        """Name of the model input that carries the denoising timestep."""
+        return self.family.timestep_input if self.family is not None else "timestep"
+
+    @property
+    def latent_input(self) -> str:
+        """Name of the model input that carries the noisy video latent."""
+        return self.family.latent_input if self.family is not None else "hidden_states"
+
+    @property
     def is_meta(self) -> bool:
         return any(p.is_meta for p in self.gm.parameters())
 
@@ -259,10 +269,10 @@ class DiTGraph:
 
     def _find_timestep_embedding(self, order) -> str | None:
         phs = {p.name: p for p in self.placeholders()}
-        t_name = self.family.timestep_input if self.family is not None else "timestep"
+        t_name = self.timestep_input
         if t_name not in phs or not self.blocks:
             return None
-        latent = self.family.latent_input if self.family is not None else "hidden_states"
+        latent = self.latent_input
         from_t, from_x = _descendants(phs[t_name]), _descendants(phs.get(latent))
         first = min(order[n] for n in self._nodes(self.blocks[0].nodes))
         best = None

@@ -280,7 +280,8 @@ def init_logits(ranking: list[int], cost: list[float], room: float) -> torch.Ten
 
 def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: torch.Tensor,
                 stream_in: torch.Tensor) -> torch.Tensor:
-    """Per sample: block j's output where its gate is on, the unchanged stream where it is off.
+    """Per sample: block j's output where its gate is on, `stream_in` where it is off (the
+    unchanged stream, or with reuse the stream plus the cached residual).
 
     Rows are sample-major (rows_per_sample consecutive rows per sample: frames for Latte's
     spatial blocks, positions for its temporal ones). Exact selection (torch.where); with a
@@ -288,9 +289,8 @@ def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: to
     """
     g = gates[:, j]
     if not g.requires_grad and not _tracing(g) and bool(g.min() == g.max()):
-        # Eager, one decision for the whole batch: the cond already ran the right branch (the
-        # skip branch's output is the stream), so no per-sample select is needed.
-        return block_out
+        # Eager, one decision for the whole batch: no per-sample select is needed.
+        return block_out if bool(g[0] > 0.5) else stream_in
     if rows_per_sample > 1:
         g = g.repeat_interleave(rows_per_sample)
     g = g.reshape((-1,) + (1,) * (block_out.dim() - 1))

@@ -30,19 +30,18 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from graphopt import reuse
 from graphopt.cost import model_cost
 from graphopt.errors import GraphoptError
+from graphopt.outline import (check_outlinable, outline, replace_outputs, rows_per_sample,
+                              stable_toposort, val)
 from graphopt.pass_manager import Pass, register, rel_error
 from graphopt.passes.block_importance import POLICIES, rank_blocks
 from graphopt.passes.drop import _refuse_routed
-from graphopt.router import MODES, Router, cond_block, gate_stream, init_logits
+from graphopt.router import MODES, Router, gate_stream, init_logits
 
 aten = torch.ops.aten
-_INT_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, operator.add,
-            operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
-            operator.truediv, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_float}
-_MAY_RETURN_INPUT = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other,
-                     aten.contiguous.default, aten.type_as.default, aten.flatten.using_ints}
+SKIPS = ("identity", "reuse")
 
 
 @dataclass
@@ -59,8 +58,13 @@ class RouteOptions:
     # The static ranking the router starts from (routable block indices, most important first),
     # given: no block importance is computed, so this is how a meta-device graph is routed.
     ranking: tuple[int, ...] | None = None
+    # What a skipped block gives back: its input ("identity", PARE), or its input plus the residual
+    # it added the last time it ran for that sample ("reuse", as diffusers' caches do).
+    skip: str = "identity"
 
     def __post_init__(self):
+        if self.skip not in SKIPS:
+            raise GraphoptError(f"route skip '{self.skip}' unknown; choose one of {SKIPS}")
         if self.mode not in MODES:
             raise GraphoptError(f"route mode '{self.mode}' unknown; choose one of {MODES}")
         if not 0.0 < self.budget <= 1.0:
@@ -133,7 +137,8 @@ class Route(Pass):
                 "names": [graph.blocks[j].name for j in routable],
                 "mode": o.mode, "hidden": o.hidden, "budget": o.budget, "tau": o.tau,
                 "timestep_bins": o.timestep_bins, "timestep_max": o.timestep_max,
-                "init_policy": o.init_policy, "protect_deep": o.protect_deep, "ranking": order}
+                "init_policy": o.init_policy, "protect_deep": o.protect_deep, "ranking": order,
+                "skip": o.skip}
 
     def apply(self, graph, decisions: dict) -> None:
         n = decisions["n_blocks"]
@@ -146,12 +151,15 @@ class Route(Pass):
 
     def summarize(self, graph, decisions) -> dict:
         return {"routable_blocks": len(decisions["blocks"]), "mode": decisions["mode"],
-                "budget": decisions["budget"]}
+                "budget": decisions["budget"], "skip": decisions.get("skip", "identity")}
 
     def describe(self, decisions: dict) -> list[str]:
         first = decisions["ranking"] if decisions["mode"] == "mlp" else decisions["ranking"][0]
+        skip = decisions.get("skip", "identity")
+        gives = "its cached residual" if skip == "reuse" else "its input unchanged"
         return [f"- routed {len(decisions['blocks'])} of {decisions['n_blocks']} blocks "
-                f"({decisions['mode']} router, budget {decisions['budget']:g} of the FLOPs per step)",
+                f"({decisions['mode']} router, budget {decisions['budget']:g} of the FLOPs per "
+                f"step); a skipped block gives back {gives}",
                 f"- initial policy ({decisions['init_policy']}), most important first: "
                 f"{', '.join(map(str, first))}" + (" (first timestep bin)" if decisions["mode"] != "mlp" else "")]
 
@@ -160,7 +168,9 @@ class Route(Pass):
         forced, record = router.force_gates, router.record
         router.force_gates, router.record = True, False
         try:
-            return rel_error(after.gm(**inputs)[0], before.gm(**inputs)[0])
+            out = after.gm(**inputs)[0]
+            reuse.reset_cache(after)        # the check's call is no step of the user's run
+            return rel_error(out, before.gm(**inputs)[0])
         finally:
             router.force_gates, router.record = forced, record
 
@@ -171,8 +181,7 @@ def route_blocks(graph, decisions: dict) -> Router:
     gm, g = graph.gm, graph.gm.graph
     nodes = {n.name: n for n in g.nodes}
     placeholders = {n.name: n for n in g.nodes if n.op == "placeholder"}
-    t_name = graph.family.timestep_input if graph.family is not None else "timestep"
-    x_name = graph.family.latent_input if graph.family is not None else "hidden_states"
+    t_name, x_name = graph.timestep_input, graph.latent_input
     for name in (t_name, x_name):
         if name not in placeholders:
             raise GraphoptError(f"route needs the model input '{name}' (the router reads it); "
@@ -180,7 +189,12 @@ def route_blocks(graph, decisions: dict) -> Router:
     timestep, latent = placeholders[t_name], placeholders[x_name]
     routable = list(decisions["blocks"])
     for j in routable:
-        _check_routable(graph, graph.blocks[j], latent)
+        block = graph.blocks[j]
+        members = graph._nodes(block.nodes)
+        pairs = list(zip(graph._nodes(block.stream_in), graph._nodes(block.stream_out)))
+        check_outlinable(graph, members, pairs, f"block '{block.name}'")
+        for _, s_out in pairs:
+            rows_per_sample(val(s_out).shape[0], val(latent).shape[0], f"block '{block.name}'")
     position = {j: p for p, j in enumerate(routable)}
     cost = model_cost(graph)
     block_flops = [cost.blocks[j]["flops"] for j in routable]
@@ -196,214 +210,61 @@ def route_blocks(graph, decisions: dict) -> Router:
     stream = nodes[first.stream_in[0]]
     temb = nodes[graph.timestep_embedding] if graph.timestep_embedding else timestep
     router = Router(block_flops=block_flops, fixed_flops=fixed, mode=decisions["mode"],
-                    time_dim=None if temb.op == "placeholder" else _val(temb).shape[-1],
-                    content_dim=_val(stream).shape[-1], hidden=decisions["hidden"],
+                    time_dim=None if temb.op == "placeholder" else val(temb).shape[-1],
+                    content_dim=val(stream).shape[-1], hidden=decisions["hidden"],
                     budget=decisions["budget"], tau=decisions["tau"],
                     timestep_bins=decisions["timestep_bins"],
                     timestep_max=decisions["timestep_max"], init=init)
     router.to(next((p.device for p in gm.parameters()), torch.device("cpu"))).eval()
     gm.add_submodule("router", router)
+    reusing = decisions.get("skip", "identity") == "reuse"
+    valid = reuse.begin_node(graph) if reusing else None
     args = (timestep, latent) if decisions["mode"] == "schedule" else (timestep, latent, temb,
                                                                         stream)
     with g.inserting_before(nodes[first.nodes[0]]):
         call = g.call_module("router", args)
         gates = g.call_function(operator.getitem, (call, 0))
         run = g.call_function(operator.getitem, (call, 1))
+        if reusing:
+            forced = g.call_function(reuse.all_on_unless_valid, (valid, gates, run))
+            gates = g.call_function(operator.getitem, (forced, 0))
+            run = g.call_function(operator.getitem, (forced, 1))
     passes_on: dict[str, fx.Node] = {}
     for j in routable:
-        _outline(gm, graph.blocks[j], position[j], gates, run, latent, passes_on)
-    _stable_toposort(g)
+        _route_block(gm, graph.blocks[j], position[j], gates, run, latent, passes_on, reusing)
+    stable_toposort(g)
     graph.refresh()
     return router
 
 
-def _outline(gm, block, p, gates, run, latent, passes_on) -> None:
-    """Replace block's nodes with cond(run[p], route_run_i, route_skip_i, operands) + gating."""
+def _route_block(gm, block, p, gates, run, latent, passes_on, reusing) -> None:
+    """Replace block's nodes with cond(run[p], run, skip, operands) and per-sample gating; with
+    reuse, a sample whose gate is off gets stream + the residual cached when it last ran."""
     g = gm.graph
     nodes = {n.name: n for n in g.nodes}
     members = [nodes[m] for m in block.nodes]
-    inside = set(members)
     stream_in = [passes_on[s] if s in passes_on else nodes[s] for s in block.stream_in]
     stream_out = [nodes[s] for s in block.stream_out]
-    operands, recomputed, same = _operands(gm, members, stream_in, block)
-
-    run_graph = fx.Graph()
-    env = {}
-    for a in operands:
-        env[a] = run_graph.placeholder(a.name)
-        env[a].meta.update({k: a.meta[k] for k in ("val", "tensor_meta") if k in a.meta})
-    for a, b in same.items():
-        env[a] = env[b]
-    for n in recomputed + members:
-        env[n] = run_graph.node_copy(n, lambda x: env[x])
-    # Both branches return densely packed row-major tensors: cond needs their layouts to agree,
-    # and a block's output (a slice, a transpose) and the stream it received need not be alike.
-    run_graph.output(tuple(env[o] if _row_major(o) else run_graph.call_function(
-        aten.clone.default, (env[o],), {"memory_format": torch.contiguous_format})
-        for o in stream_out))
-    skip_graph = fx.Graph()
-    phs = [skip_graph.placeholder(a.name) for a in operands]
-    skip_graph.output(tuple(
-        skip_graph.call_function(aten.clone.default, (phs[k],),
-                                 {"memory_format": torch.contiguous_format})
-        for k in range(len(stream_in))))
     tag = block.name.replace(".", "_")
-    gm.add_submodule(f"route_run_{tag}", fx.GraphModule(torch.nn.Module(), run_graph))
-    gm.add_submodule(f"route_skip_{tag}", fx.GraphModule(torch.nn.Module(), skip_graph))
-
     with g.inserting_before(members[0]):
         pred = g.call_function(aten.select.int, (run, 0, p))
-        true_fn = g.get_attr(f"route_run_{tag}")
-        false_fn = g.get_attr(f"route_skip_{tag}")
-        cond = g.call_function(cond_block, (pred, true_fn, false_fn, tuple(operands)))
-        cond.meta["graphopt_routed_block"] = block.name
-        if "nn_module_stack" in members[0].meta:
-            cond.meta["nn_module_stack"] = members[0].meta["nn_module_stack"]
-        mixed = []
-        for k, (s_in, s_out) in enumerate(zip(stream_in, stream_out)):
-            out = g.call_function(operator.getitem, (cond, k))
-            rows = _rows_per_sample(_val(s_out).shape[0], _val(latent).shape[0], block)
-            mixed.append(g.call_function(gate_stream, (gates, p, rows, out, s_in)))
-            mixed[-1].meta["val"] = s_out.meta["val"]     # the next block's checks read it
-    for name, s_out, new in zip(block.stream_out, stream_out, mixed):
-        s_out.replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside)
+    outs = outline(gm, members, list(zip(stream_in, stream_out)), pred, f"route_{tag}",
+                   block.name)
+    label = f"block '{block.name}'"
+    mixed = []
+    with g.inserting_before(members[0]):
+        for k, (s_in, out) in enumerate(zip(stream_in, outs)):
+            rows = rows_per_sample(val(out).shape[0], val(latent).shape[0], label)
+            if not reusing:
+                mixed.append(g.call_function(gate_stream, (gates, p, rows, out, s_in)))
+                continue
+            key = f"{tag}_s{k}"
+            cached = reuse.read_node(g, key, s_in)
+            fallback = g.call_function(aten.add.Tensor, (s_in, cached))
+            mixed.append(g.call_function(gate_stream, (gates, p, rows, out, fallback)))
+            residual = g.call_function(aten.sub.Tensor, (out, s_in))
+            kept = g.call_function(gate_stream, (gates, p, rows, residual, cached))
+            reuse.write_node(g, key, kept)
+    replace_outputs(g, members, stream_out, mixed)
+    for name, new in zip(block.stream_out, mixed):
         passes_on[name] = new
-    for m in reversed(members):
-        g.erase_node(m)
-
-
-def _check_routable(graph, block, latent: fx.Node) -> None:
-    """Refuse, before anything is changed, a block that cannot become a conditional branch."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    members = graph._nodes(block.nodes)
-    for m in members:
-        if m.op != "call_function":
-            raise GraphoptError(f"block '{block.name}' calls {m.op} '{m.target}'; route outlines "
-                                f"only blocks made of ATen calls (a torch.export capture)")
-        if free_unbacked_symbols(m.meta.get("val")):
-            raise GraphoptError(
-                f"block '{block.name}' computes a data-dependent size ('{m.name}', {m.target}), "
-                f"which torch.cond cannot carry out of a branch (e.g. tokens picked by a mask "
-                f"inside the block): this model's blocks cannot be routed. Use `drop` instead")
-    for name_in, name_out in zip(block.stream_in, block.stream_out):
-        d_in, d_out = _val(graph.node(name_in)).dtype, _val(graph.node(name_out)).dtype
-        if d_in != d_out:
-            raise GraphoptError(f"block '{block.name}' turns its stream from {d_in} into {d_out}: "
-                                f"skipping it would change the dtype, so it cannot be routed")
-        _rows_per_sample(_val(graph.node(name_out)).shape[0], _val(latent).shape[0], block)
-    _operands(graph.gm, members, graph._nodes(block.stream_in), block)
-
-
-def _operands(gm, members, stream_in, block):
-    """(operands, nodes recomputed inside the branch, get_attr → operand holding the same tensor).
-
-    Operands must be distinct tensors at run time: torch.export names the branch's inputs after
-    them and fails on a repeat. So values that may *be* another operand are recomputed inside the
-    branch from their input instead of passed: no-op casts (`.to`, `.contiguous()`, `type_as`
-    return their input when nothing changes) and symbolic sizes (dynamic batch: cond takes
-    tensors, not ints); weights shared under two names are passed once.
-    """
-    inside = set(members)
-    operands, recomputed, same, owner, seen = list(stream_in), [], {}, {}, set(stream_in)
-
-    def visit(n):
-        if n in seen or n in inside:
-            return
-        seen.add(n)
-        if n.op == "get_attr":
-            tensor = _attribute(gm, n)
-            if id(tensor) in owner:
-                same[n] = owner[id(tensor)]
-            else:
-                owner[id(tensor)] = n
-                operands.append(n)
-        elif _is_tensor(n) and n.target not in _MAY_RETURN_INPUT:
-            operands.append(n)
-        elif _is_tensor(n) or (n.op == "call_function" and n.target in _INT_OPS):
-            for a in n.all_input_nodes:
-                visit(a)
-            recomputed.append(n)
-        else:
-            raise GraphoptError(
-                f"block '{block.name}' reads the integer '{n.name}' ({n.op} {n.target}), which "
-                f"is not a size read from a tensor: route cannot move it into the block's "
-                f"conditional branch. Capture the model with static shapes")
-
-    for m in members:
-        for a in m.all_input_nodes:
-            visit(a)
-    return operands, recomputed, same
-
-
-def _rows_per_sample(rows, batch, block) -> int:
-    """rows / batch as an int (sample-major streams: Latte keeps frames or positions as rows)."""
-    import sympy
-
-    def expr(x):
-        return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-    ratio = sympy.simplify(expr(rows) / expr(batch))
-    if not (ratio.is_Integer and ratio > 0):
-        raise GraphoptError(f"block '{block.name}' stream has {rows} rows for a batch of {batch}: "
-                            f"not a whole number of rows per sample, so per-sample gates cannot "
-                            f"be applied")
-    return int(ratio)
-
-
-def _attribute(gm, n) -> torch.Tensor:
-    value = gm
-    for part in n.target.split("."):
-        value = getattr(value, part)
-    if not isinstance(value, torch.Tensor):
-        raise GraphoptError(f"a routed block reads '{n.target}', a {type(value).__name__}, not a "
-                            f"tensor: route does not nest conditionals")
-    return value
-
-
-def _is_tensor(n) -> bool:
-    return isinstance(n.meta.get("val"), torch.Tensor)
-
-
-def _row_major(n) -> bool:
-    from torch._prims_common import make_contiguous_strides_for
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    val = _val(n)
-    return all(statically_known_true(a == b) for a, b in
-               zip(val.stride(), make_contiguous_strides_for(val.shape)))
-
-
-def _val(n):
-    val = n.meta.get("val")
-    if val is None:
-        raise GraphoptError(f"node '{n.name}' has no shape information; call graph.refresh() "
-                            f"before routing")
-    return val
-
-
-def _stable_toposort(g: fx.Graph) -> None:
-    """Reorder nodes so every value is defined before use, moving as few as possible (ties keep
-    the current order). Outlining may place a cond before a side input defined mid-block."""
-    import heapq
-
-    order = list(g.nodes)
-    index = {n: i for i, n in enumerate(order)}
-    waiting = {n: len(set(n.all_input_nodes)) for n in order}
-    ready = [index[n] for n in order if waiting[n] == 0]
-    heapq.heapify(ready)
-    result = []
-    while ready:
-        n = order[heapq.heappop(ready)]
-        result.append(n)
-        for u in n.users:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, index[u])
-    if len(result) != len(order):
-        raise GraphoptError("the routed graph has a cycle; this is a graphopt bug, please report "
-                            "it with the recipe")
-    if result == order:
-        return
-    for prev, n in zip(result, result[1:]):
-        prev.append(n)
