@@ -15,9 +15,10 @@ A routed block counts as executed when any sample of the batch needed it (its co
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +116,23 @@ class GraphTransformer(FacadeModel):
         if self.router is not None:
             self.router.record = True
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **_: Any) -> Iterator[None]:
+        """Labels the StepRecords made inside it and, for a graph that reuses residuals, gives
+        the calls their own cache state (diffusers' CacheMixin.cache_context)."""
+        from graphopt.reuse import cache_context
+
+        with super().cache_context(name), cache_context(self.graph, name):
+            yield
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `enable_cache`, as a graph transform: a FirstBlockCacheConfig or
+        MagCacheConfig becomes the `cache` pass with the same settings (MagCache's ratios, or with
+        `calibrate=True` graphopt's own calibration over `num_inference_steps`)."""
+        from graphopt.compress import compress
+
+        compress(self.graph, ["cache"], {"cache": cache_options(config)})
+
     def _run(self, feeds):
         seen = self.router.history.total if self.router is not None else 0
         out = self.graph.gm(**feeds, **self.fixed)
@@ -123,3 +141,21 @@ class GraphTransformer(FacadeModel):
         if self.router is not None and self.router.history.total > seen:
             gates = self.router.history[-1]["gates"].numpy()
         return values, gates
+
+
+def cache_options(config) -> dict:
+    """The cache pass's options for one of diffusers' cache configs."""
+    kind = type(config).__name__
+    if kind == "FirstBlockCacheConfig":
+        return {"method": "first-block", "threshold": float(config.threshold)}
+    if kind == "MagCacheConfig":
+        ratios = None if config.calibrate or config.mag_ratios is None else \
+            [float(r) for r in config.mag_ratios]
+        return {"method": "mag", "threshold": float(config.threshold),
+                "max_skip_steps": int(config.max_skip_steps),
+                "retention_ratio": float(config.retention_ratio),
+                "num_inference_steps": int(config.num_inference_steps), "mag_ratios": ratios}
+    raise GraphoptError(f"enable_cache takes diffusers' FirstBlockCacheConfig or MagCacheConfig "
+                        f"(compiled into the graph by the cache pass); got {kind}. Other caches "
+                        f"are eager hooks: use them on the diffusers model itself")
+

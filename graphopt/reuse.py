@@ -142,11 +142,6 @@ def pick(pred: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a if bool(pred) else b
 
 
-def all_on_unless_valid(valid: torch.Tensor, gates: torch.Tensor, run: torch.Tensor):
-    """(gates, run) of a router, with every block on while the caches hold nothing to reuse."""
-    return torch.where(valid, gates, torch.ones_like(gates)), run | ~valid
-
-
 def reset_cache(model) -> None:
     """Start a new sampling run: empty every cache context of `model` (a DiTGraph, a GraphModule,
     a GraphTransformer, or an exported ONNX / AOTInductor model that threads reuse state)."""

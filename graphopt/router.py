@@ -18,8 +18,12 @@ Gates from logits ℓ (c_j: block j's FLOPs share, c_0: the share that always ru
   gradient. After each call `gate_probs` = σ(ℓ) (batch × blocks; P(hard = 1) for any τ) and
   `exec_fraction` = c_0 + Σ_j σ(ℓ_j)·c_j (batch,), the expected executed-FLOPs fraction, are kept
   (differentiable) for the budget loss (`distill.losses.RouterBudgetLoss`).
-- inference: per sample, the longest prefix of the blocks sorted by logit (descending) whose
-  FLOPs fit: c_0 + Σ c_j ≤ budget.
+- inference, `select="budget"`: per sample, the longest prefix of the blocks sorted by logit
+  (descending) whose FLOPs fit: c_0 + Σ c_j ≤ budget, so `router.budget` trades quality for
+  speed after training; `select="sign"`: of those, only blocks whose gate is on without noise
+  (ℓ > 0, the training gate's mode), so at budget 1 the signs alone decide and each step may
+  spend what it needs (a learned schedule). The static init is positive exactly on the prefix
+  that fits, so both rules agree on it.
 - `force_gates`: None (the router decides), True / False (every gate on / off), or a bool mask
   (blocks,) or (batch × blocks), for tests and for runtimes that decide outside the graph.
 
@@ -46,6 +50,7 @@ from graphopt.io import atomic_path
 from graphopt.records import RecentRecords
 
 MODES = ("mlp", "schedule")
+SELECTS = ("budget", "sign")
 TIME_FEATURES = 64        # sinusoidal features of a raw timestep, where there is no embedding
 
 
@@ -53,8 +58,12 @@ class Router(nn.Module):
     def __init__(self, *, block_flops: list[int], fixed_flops: int, mode: str = "mlp",
                  time_dim: int | None = None, content_dim: int | None = None, hidden: int = 64,
                  budget: float = 0.5, tau: float = 1.0, timestep_bins: int = 10,
-                 timestep_max: float = 1000.0, init: torch.Tensor | None = None):
+                 timestep_max: float = 1000.0, init: torch.Tensor | None = None,
+                 select: str = "budget"):
         super().__init__()
+        if select not in SELECTS:
+            raise GraphoptError(f"router select '{select}' unknown; choose one of {SELECTS}")
+        self.select = select
         if mode not in MODES:
             raise GraphoptError(f"router mode '{mode}' unknown; choose one of {MODES}")
         n = len(block_flops)
@@ -153,7 +162,9 @@ class Router(nn.Module):
                        F.layer_norm(content, content.shape[-1:])], dim=1)
         return self.net(x)
 
-    def forward(self, timestep, latent, temb=None, stream=None):
+    def forward(self, timestep, latent, temb=None, stream=None, valid=None):
+        """(gates, run). `valid` (0-dim bool, reusing graphs): False while the caches hold
+        nothing to reuse, and then every block runs."""
         batch = latent.shape[0]
         if self._forced is not None:
             forced = self._forced.to(latent.device)
@@ -172,8 +183,11 @@ class Router(nn.Module):
                 hard = gates.detach() > 0.5
                 run = torch.ones(self.n_blocks, dtype=torch.bool, device=gates.device)
             else:
-                hard = select_under_budget(logits, self.cost, self._budget - self.fixed_share)
+                hard = self._select(logits, self._budget)
                 gates, run = hard.float(), hard.any(0)
+        if valid is not None:
+            gates = torch.where(valid, gates, torch.ones_like(gates))
+            hard, run = hard | ~valid, run | ~valid
         if self.record and not self.training and not _tracing(gates):
             self.history.append({"timestep": _per_sample_timestep(timestep, batch).detach().cpu(),
                                  "gates": hard.detach().cpu(), "run": run.detach().cpu()})
@@ -186,7 +200,11 @@ class Router(nn.Module):
                                 "the content")
         budget = self._budget if budget is None else budget
         with torch.no_grad():
-            return select_under_budget(self.table, self.cost, budget - self.fixed_share)
+            return self._select(self.table, budget)
+
+    def _select(self, logits, budget: float) -> torch.Tensor:
+        hard = select_under_budget(logits, self.cost, budget - self.fixed_share)
+        return hard & (logits > 0) if self.select == "sign" else hard
 
     # ---- accounting --------------------------------------------------------------------------
     def step_flops(self) -> list[dict]:

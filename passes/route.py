@@ -38,7 +38,7 @@ from graphopt.outline import (check_outlinable, outline, replace_outputs, rows_p
 from graphopt.pass_manager import Pass, register, rel_error
 from graphopt.passes.block_importance import POLICIES, rank_blocks
 from graphopt.passes.drop import _refuse_routed
-from graphopt.router import MODES, Router, gate_stream, init_logits
+from graphopt.router import MODES, SELECTS, Router, gate_stream, init_logits
 
 aten = torch.ops.aten
 SKIPS = ("identity", "reuse")
@@ -61,8 +61,11 @@ class RouteOptions:
     # What a skipped block gives back: its input ("identity", PARE), or its input plus the residual
     # it added the last time it ran for that sample ("reuse", as diffusers' caches do).
     skip: str = "identity"
+    select: str = "budget"             # inference gates: top blocks that fit, or also ℓ > 0 only
 
     def __post_init__(self):
+        if self.select not in SELECTS:
+            raise GraphoptError(f"route select '{self.select}' unknown; choose one of {SELECTS}")
         if self.skip not in SKIPS:
             raise GraphoptError(f"route skip '{self.skip}' unknown; choose one of {SKIPS}")
         if self.mode not in MODES:
@@ -138,7 +141,7 @@ class Route(Pass):
                 "mode": o.mode, "hidden": o.hidden, "budget": o.budget, "tau": o.tau,
                 "timestep_bins": o.timestep_bins, "timestep_max": o.timestep_max,
                 "init_policy": o.init_policy, "protect_deep": o.protect_deep, "ranking": order,
-                "skip": o.skip}
+                "skip": o.skip, "select": o.select}
 
     def apply(self, graph, decisions: dict) -> None:
         n = decisions["n_blocks"]
@@ -214,7 +217,8 @@ def route_blocks(graph, decisions: dict) -> Router:
                     content_dim=val(stream).shape[-1], hidden=decisions["hidden"],
                     budget=decisions["budget"], tau=decisions["tau"],
                     timestep_bins=decisions["timestep_bins"],
-                    timestep_max=decisions["timestep_max"], init=init)
+                    timestep_max=decisions["timestep_max"], init=init,
+                    select=decisions.get("select", "budget"))
     router.to(next((p.device for p in gm.parameters()), torch.device("cpu"))).eval()
     gm.add_submodule("router", router)
     reusing = decisions.get("skip", "identity") == "reuse"
@@ -222,13 +226,9 @@ def route_blocks(graph, decisions: dict) -> Router:
     args = (timestep, latent) if decisions["mode"] == "schedule" else (timestep, latent, temb,
                                                                         stream)
     with g.inserting_before(nodes[first.nodes[0]]):
-        call = g.call_module("router", args)
+        call = g.call_module("router", args, {"valid": valid} if reusing else {})
         gates = g.call_function(operator.getitem, (call, 0))
         run = g.call_function(operator.getitem, (call, 1))
-        if reusing:
-            forced = g.call_function(reuse.all_on_unless_valid, (valid, gates, run))
-            gates = g.call_function(operator.getitem, (forced, 0))
-            run = g.call_function(operator.getitem, (forced, 1))
     passes_on: dict[str, fx.Node] = {}
     for j in routable:
         _route_block(gm, graph.blocks[j], position[j], gates, run, latent, passes_on, reusing)
