@@ -294,3 +294,27 @@ def _slot_likes(routed, inputs):
     state = getattr(routed.gm, STATE_MODULE)._state()["slots"]
     reset_cache(routed)
     return [state[k] for k in slots(routed.gm)]
+
+
+def test_reuse_schedule_search_and_its_router_agree(models):
+    from graphopt.distill.reuse_schedule import _Run, fit_reuse_schedule
+
+    _, graph = models("wan")
+    routed = graph.copy()
+    Route(mode="schedule", skip="reuse", select="sign", budget=1.0, timestep_bins=1000).run(routed)
+    cond = _conditions(graph, seed=8)["encoder_hidden_states"][:1]
+    shape = tuple(graph.example_inputs[graph.latent_input].shape[1:])
+    fit = fit_reuse_schedule(routed, graph, cond, video_shape=shape, target=0.6, steps=4,
+                             groups=2, guidance=1.0)    # batch 1: the capture's
+    path = fit["path"]
+    assert path[0]["error"] < 1e-12                    # every block computing = the teacher
+    assert all(a["fraction"] > b["fraction"] for a, b in zip(path, path[1:]))
+    assert fit["fraction"] <= 0.6 + 1e-3 and fit["computes"][0].all()
+    # The router, deciding by itself from its table, makes the searched decisions.
+    run = _Run(routed, cond, 4, 1.0, 1.0)
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    reset_cache(routed)
+    with torch.no_grad(), routed.gm.router.recording() as history:
+        for s in range(4):
+            x = run.step(x, s)
+    assert torch.equal(torch.stack([h["gates"][0] for h in history]), fit["computes"])

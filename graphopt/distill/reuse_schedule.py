@@ -47,21 +47,33 @@ class _Run:
         return x + (self.sigmas[s + 1] - self.sigmas[s]) * v
 
 
+def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, target: float, tolerance=1e-3,
+                       **search) -> dict:
+    """Fit `routed`'s schedule router in place: the search's first schedule at or below `target`
+    (+ `tolerance`, the fixed share makes exact fractions rare). Returns that point of the path
+    ({"fraction", "error", "computes": steps × blocks bool}) with the path up to it ("path")."""
+    path = reuse_schedule_path(routed, teacher, cond, down_to=target + tolerance, **search)
+    point = next(p for p in path if p["fraction"] <= target + tolerance)
+    set_reuse_schedule(routed, point["computes"], steps=len(point["computes"]),
+                       shift=search.get("shift", 1.0))
+    return {**point, "path": path}
+
+
 @torch.no_grad()
-def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, video_shape, target: float,
-                       steps: int = 10, guidance: float = 4.0, shift: float = 1.0, groups: int = 2,
-                       seed: int = 0, progress: bool = False) -> dict:
-    """Fit `routed`'s schedule router in place, on the conditions `cond` (clips × tokens × dim).
-    Returns {"computes": steps × blocks bool, "fraction": the run's executed FLOPs fraction,
-    "error": its final-clip MSE against the teacher's, "curve": [(fraction, error)] on the way}."""
+def reuse_schedule_path(routed, teacher, cond: torch.Tensor, *, video_shape, down_to: float,
+                        steps: int = 10, guidance: float = 4.0, shift: float = 1.0,
+                        groups: int = 2, seed: int = 0, progress: bool = False) -> list[dict]:
+    """The greedy search's path on the conditions `cond` (clips × tokens × dim), from every block
+    computing down to an executed fraction ≤ `down_to`: one {"fraction", "error", "computes"} per
+    reuse given, so one search serves several targets. `routed` is left as it was."""
     router = getattr(routed.gm, "router", None)
     if router is None or router.mode != "schedule" or router.select != "sign" \
             or not hasattr(routed.gm, STATE_MODULE):
-        raise GraphoptError("fit_reuse_schedule needs a graph routed with mode='schedule', "
+        raise GraphoptError("a reuse schedule needs a graph routed with mode='schedule', "
                             "skip='reuse', select='sign' (and budget=1)")
-    if not 0.0 < target < 1.0:
-        raise GraphoptError(f"reuse schedule target is an executed-FLOPs fraction in (0, 1), "
-                            f"got {target}")
+    if not 0.0 < down_to < 1.0:
+        raise GraphoptError(f"a reuse schedule's target is an executed-FLOPs fraction in (0, 1), "
+                            f"got {down_to}")
     n = router.n_blocks
     if not 1 <= groups <= n:
         raise GraphoptError(f"reuse schedule groups must be in [1, {n}], got {groups}")
@@ -89,15 +101,19 @@ def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, video_shape, targ
             x = run.step(x, s)
         return float((x.clamp(-1, 1) - reference).square().mean())
 
+    def point(computes, error):
+        per_block = torch.stack([_blocks(row, members, n) for row in computes])
+        return {"fraction": _fraction(router, per_block), "error": error, "computes": per_block}
+
     computes = torch.ones(steps, groups, dtype=torch.bool)
     saved = router.force_gates
     reset_cache(routed)
     snapshots = [(noise, {}, None)] + [None] * (steps - 1)
     error = resume(computes, 0, snapshots, keep=True)
-    curve = [(_fraction(router, computes, members), error)]
-    bar = tqdm(desc=f"reuse schedule → {target:g}x FLOPs", disable=not progress)
+    path = [point(computes, error)]
+    bar = tqdm(desc=f"reuse schedule → {down_to:.2f}x FLOPs", disable=not progress)
     try:
-        while curve[-1][0] > target:
+        while path[-1]["fraction"] > down_to:
             best = None
             for s in range(1, steps):
                 for g in range(groups):
@@ -111,15 +127,22 @@ def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, video_shape, targ
                 break
             computes[best[1], best[2]] = False
             error = resume(computes, best[1], snapshots, keep=True)
-            curve.append((_fraction(router, computes, members), error))
+            path.append(point(computes, error))
             bar.update(1)
     finally:
         bar.close()
         router.force_gates = saved
         reset_cache(routed)
-    per_block = torch.stack([_blocks(row, members, n) for row in computes])
-    _write_table(router, per_block, run.timesteps)
-    return {"computes": per_block, "fraction": curve[-1][0], "error": error, "curve": curve}
+    return path
+
+
+def set_reuse_schedule(routed, computes: torch.Tensor, *, steps: int, shift: float = 1.0) -> None:
+    """Write a (steps × blocks) compute schedule into `routed`'s schedule router: every timestep
+    bin takes the row of the nearest sampling step, +1 compute, −1 reuse."""
+    router = routed.gm.router
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    _write_table(router, computes, scheduler.timesteps.float())
 
 
 def _blocks(row: torch.Tensor, members, n: int) -> torch.Tensor:
@@ -129,8 +152,8 @@ def _blocks(row: torch.Tensor, members, n: int) -> torch.Tensor:
     return out
 
 
-def _fraction(router, computes: torch.Tensor, members) -> float:
-    per_block = torch.stack([_blocks(row, members, router.n_blocks) for row in computes])
+def _fraction(router, per_block: torch.Tensor) -> float:
+    """The run's executed FLOPs fraction under a (steps × blocks) schedule."""
     return float((router.fixed_share + (per_block.double() * router.cost.double()).sum(1)).mean())
 
 
