@@ -39,13 +39,14 @@ import logging
 import operator
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx
 
+from graphopt import router
 from graphopt.dropin import FacadeModel, fixed_inputs
 from graphopt.exporters.runtime import check_fixed_inputs
 from graphopt.errors import GraphoptError
@@ -346,11 +347,6 @@ def _bool_where_to_uint8(model) -> int:
     return count
 
 
-def block_table(graph) -> list[dict]:
-    """[{"block": i, "gate": column or None}] in execution order, from the units of the graph."""
-    return [{"block": u.index, "gate": u.gate} for u in _units(graph)]
-
-
 def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     from tqdm.auto import tqdm
 
@@ -359,7 +355,7 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     routed = hasattr(graph.gm, "router")
     gm = graph.gm
     if routed:
-        add_gates_output(gm, gates_node(graph))
+        router.add_gates_output(gm, router.gates_node(graph))
     output_names = [OUTPUT_NAME] + ([GATES_NAME] if routed else [])
     pick = (lambda out: (out[0], out[-1])) if routed else (lambda out: out[0])
     module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
@@ -367,7 +363,7 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     with tqdm(total=1, desc="ONNX export (single file)", unit="file", leave=False) as bar:
         program = _onnx_export(module, tuple(inputs.values()), names, batch_axes, output_names, opset,
                                "the whole model")
-        _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(block_table(graph)),
+        _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(router.block_table(graph)),
                               META_FIXED: json.dumps(_fixed_json(graph))})
         bar.update()
 
@@ -376,23 +372,6 @@ def _fixed_json(graph) -> dict[str, Any]:
     """The non-tensor forward arguments the export bakes in (sizes, flags), as JSON values."""
     fixed = {k: v for k, v in fixed_inputs(graph).items() if k != "return_dict"}
     return json.loads(json.dumps(fixed, default=list))
-
-
-def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
-    """Append bool(gates > 0.5) to the graph's output tuple (the router's hard decisions)."""
-    g = gm.graph
-    out = g.output_node()
-    with g.inserting_before(out):
-        hard = g.call_function(aten.gt.Scalar, (gates, 0.5))
-    values = tuple(out.args[0])
-    out.args = ((*values, hard),)
-    codegen = g._codegen
-    if getattr(codegen, "pytree_info", None) is not None:      # an exported module rebuilds its outputs
-        from torch.utils import _pytree as pytree
-
-        spec = pytree.tree_structure(tuple(range(len(values) + 1)))
-        codegen.pytree_info = codegen.pytree_info._replace(out_spec=spec)
-    gm.recompile()
 
 
 def _config_json(graph) -> str:
@@ -404,68 +383,6 @@ def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- the segmented layout -------------------------------------------------------------------------
-
-
-@dataclass
-class _Unit:
-    """One block as the top-level graph holds it. Routed: the cond node, its run branch and the
-    per-sample selects (`gate_stream`) that are its stream outputs; plain: the block's own nodes."""
-
-    index: int
-    name: str
-    first: fx.Node                          # its first node in the graph (for ordering)
-    stream_in: list[fx.Node]
-    stream_out: list[fx.Node]
-    gate: int | None = None
-    body: fx.GraphModule | None = None      # routed: the conditional's run branch
-    operands: list[fx.Node] = field(default_factory=list)   # routed: the cond's operands
-    members: list[fx.Node] = field(default_factory=list)    # plain: the block's nodes
-
-
-def _units(graph) -> list[_Unit]:
-    """Blocks in execution order: routed ones (cond nodes) and plain ones (graph.blocks)."""
-    from graphopt.router import cond_block, gate_stream
-
-    gm = graph.gm
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    units = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is not cond_block:
-            continue
-        name = n.meta.get("graphopt_routed_block", n.name)
-        outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
-        mixed = []
-        for k in range(len(outputs)):
-            selects = [u for u in outputs[k].users if u.target is gate_stream]
-            if len(selects) != 1 or len(outputs[k].users) != 1:
-                raise GraphoptError(f"routed block '{name}': its output {k} is not gated exactly once; "
-                                    "export the graph as the route pass wrote it")
-            mixed.append(selects[0])
-        gate, rows = mixed[0].args[1], mixed[0].args[2]
-        if rows != 1:
-            raise GraphoptError(
-                f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
-                "whole samples along axis 0 of the stream: use layout='single'")
-        units.append(_Unit(-1, name, n, [m.args[4] for m in mixed], mixed, gate=gate,
-                           body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
-    for block in graph.blocks:
-        members = graph._nodes(block.nodes)
-        units.append(_Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
-                           [graph.node(s) for s in block.stream_out], members=members))
-    units.sort(key=lambda u: order[u.first])
-    for i, u in enumerate(units):
-        u.index = i
-    return units
-
-
-def gates_node(graph) -> fx.Node:
-    """The router's per-sample gates (float, batch x routed blocks): getitem(router(...), 0)."""
-    for n in graph.gm.graph.nodes:
-        if n.op == "call_module" and n.target == "router":
-            for u in n.users:
-                if u.target is operator.getitem and u.args[1] == 0:
-                    return u
-    raise GraphoptError("the graph has a router module but no call to it; export the graph as route wrote it")
 
 
 class _Cut:
@@ -601,7 +518,7 @@ class _SegmentPlan:
 def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     """Cut the graph into prologue, blocks, epilogue; returns (plans, stream names, gates name)."""
     gm = graph.gm
-    units = _units(graph)
+    units = router.units(graph)
     if not units:
         raise GraphoptError("the graph has no blocks: nothing to segment (export it with layout='single')")
     taken = {n.name for n in gm.graph.nodes}
@@ -683,7 +600,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     def inside_prologue(node: fx.Node) -> None:
         return None     # everything the prologue needs it computes from the model inputs
 
-    soft_gates = gates_node(graph) if gates is not None else None
+    soft_gates = router.gates_node(graph) if gates is not None else None
     if soft_gates is not None and not _before_blocks(soft_gates, writer):
         raise GraphoptError(
             "the router reads the stream after the first block (the first routed block is not the "
@@ -702,7 +619,7 @@ def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     return [prologue, *plans, epilogue], stream, gates
 
 
-def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, _Unit]) -> bool:
+def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, router.Unit]) -> bool:
     """True when `node` does not depend on any block's output (the prologue can compute it)."""
     seen, todo = set(), [node]
     while todo:
@@ -716,7 +633,7 @@ def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, _Unit]) -> bool:
     return True
 
 
-def _inline_branch(cut: _Cut, unit: _Unit, boundary) -> list[fx.Node]:
+def _inline_branch(cut: _Cut, unit: router.Unit, boundary) -> list[fx.Node]:
     """Copy a routed block's run branch into `cut`, its placeholders bound to the cond's operands."""
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in unit.body.graph.nodes if n.op == "placeholder"]
