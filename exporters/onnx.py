@@ -45,8 +45,7 @@ import torch
 from torch import fx
 
 from graphopt import router
-from graphopt.dropin import FacadeModel, fixed_inputs
-from graphopt.exporters.runtime import check_fixed_inputs
+from graphopt.dropin import fixed_inputs
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_dir
 from graphopt.exporters.manifest import DimRange, Segment, SegmentedManifest
@@ -433,7 +432,7 @@ def load_onnx(path: str | os.PathLike, *, providers: Sequence[Any] | None = None
     the CUDA EP on the device's index when `device` is cuda); `session_options`: an
     onnxruntime.SessionOptions for every session (threads, graph optimization level).
     """
-    from graphopt.exporters.ort_runner import OrtBackend
+    from graphopt.exporters.ort_runner import OrtBackend, SingleFileModel
     from graphopt.exporters.runtime import SegmentedModel
 
     path = Path(path)
@@ -451,42 +450,3 @@ def load_onnx(path: str | os.PathLike, *, providers: Sequence[Any] | None = None
     if path.suffix != ".onnx":
         raise GraphoptError(f"'{path}' is neither a manifest.json nor a .onnx file")
     return SingleFileModel(path, providers=providers, device=device, session_options=session_options)
-
-
-class SingleFileModel(FacadeModel):
-    """A single-file export (router and If blocks inside) in onnxruntime, called like the transformer.
-
-    The router runs inside the graph; its `gates` output tells which blocks ran (a routed block runs
-    when any sample of the batch needs it), recorded per call. Forcing gates needs a re-export.
-    """
-
-    what = "ONNX model"
-
-    def __init__(self, path: str | os.PathLike, *, providers: Sequence[Any] | None = None,
-                 device: str | torch.device = "cpu", session_options: Any = None):
-        import onnx
-
-        from graphopt.exporters.ort_runner import OrtRunner
-
-        path = Path(path)
-        segment = Segment.from_onnx(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if META_BLOCKS not in meta:
-            raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
-                                "re-export it")
-        super().__init__(json.loads(meta.get(META_CONFIG, "{}")), segment.inputs,
-                         json.loads(meta[META_BLOCKS]))
-        self.device = torch.device(device)
-        self.runner = OrtRunner(path, segment, self.device, providers, session_options)
-        self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
-        self.outputs = [spec.name for spec in segment.outputs if spec.name != GATES_NAME]
-        self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
-
-    def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        check_fixed_inputs(self.fixed, kwargs, "ONNX model")
-        return super().__call__(*args, return_dict=return_dict, **kwargs)
-
-    def _run(self, feeds):
-        out = self.runner(feeds)
-        gates = out[GATES_NAME].cpu().numpy() if self.routed else None
-        return tuple(out[name] for name in self.outputs), gates
