@@ -42,7 +42,7 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
     """Compile `graph` (plain or compressed, routed included) into the AOTInductor package `path`."""
     from tqdm.auto import tqdm
 
-    from graphopt.exporters.onnx import add_gates_output, block_table, gates_node
+    from graphopt.router import add_gates_output, block_table, gates_node
 
     path = Path(path)
     if path.suffix != ".pt2":

@@ -36,46 +36,31 @@ import dataclasses
 import inspect
 import json
 import logging
-import operator
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx
 
-from graphopt.dropin import FacadeModel, fixed_inputs
-from graphopt.exporters.runtime import check_fixed_inputs
+from graphopt import router
+from graphopt.dropin import fixed_inputs
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_dir
-from graphopt.exporters.manifest import (
-    DimRange,
-    Segment,
-    SegmentedManifest,
-    next_name,
-)
+from graphopt.exporters.manifest import DimRange, Segment, SegmentedManifest
+from graphopt.exporters.segments import GATES_NAME, OUTPUT_NAME, plan_segments
 
 LAYOUTS = ("single", "segmented")
 DEFAULT_OPSET = 20
 SINGLE_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
-OUTPUT_NAME = "sample"
-GATES_NAME = "gates"
 BATCH = "batch"
 # TensorRT optimization-profile range written for the batch axis: min 1, opt 2 (one CFG pair), max 8.
 BATCH_RANGE = DimRange(1, 2, 8)
 META_CONFIG, META_BLOCKS, META_FIXED = "graphopt.config", "graphopt.blocks", "graphopt.fixed_inputs"
 _EXPORT_BATCH = 2
 
-aten = torch.ops.aten
-_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, operator.add, operator.sub,
-             operator.mul, operator.floordiv, operator.mod, operator.neg, operator.truediv, torch.sym_int,
-             torch.sym_max, torch.sym_min, torch.sym_float}
-# Ops that may return their input unchanged: recomputed where used, so no segment outputs an alias.
-_MAY_ALIAS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.contiguous.default,
-              aten.type_as.default, aten.flatten.using_ints, aten.alias.default}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.int8: "int8",
                 torch.uint8: "uint8", torch.bool: "bool"}
@@ -346,11 +331,6 @@ def _bool_where_to_uint8(model) -> int:
     return count
 
 
-def block_table(graph) -> list[dict]:
-    """[{"block": i, "gate": column or None}] in execution order, from the units of the graph."""
-    return [{"block": u.index, "gate": u.gate} for u in _units(graph)]
-
-
 def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     from tqdm.auto import tqdm
 
@@ -359,7 +339,7 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     routed = hasattr(graph.gm, "router")
     gm = graph.gm
     if routed:
-        add_gates_output(gm, gates_node(graph))
+        router.add_gates_output(gm, router.gates_node(graph))
     output_names = [OUTPUT_NAME] + ([GATES_NAME] if routed else [])
     pick = (lambda out: (out[0], out[-1])) if routed else (lambda out: out[0])
     module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
@@ -367,7 +347,7 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     with tqdm(total=1, desc="ONNX export (single file)", unit="file", leave=False) as bar:
         program = _onnx_export(module, tuple(inputs.values()), names, batch_axes, output_names, opset,
                                "the whole model")
-        _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(block_table(graph)),
+        _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(router.block_table(graph)),
                               META_FIXED: json.dumps(_fixed_json(graph))})
         bar.update()
 
@@ -376,23 +356,6 @@ def _fixed_json(graph) -> dict[str, Any]:
     """The non-tensor forward arguments the export bakes in (sizes, flags), as JSON values."""
     fixed = {k: v for k, v in fixed_inputs(graph).items() if k != "return_dict"}
     return json.loads(json.dumps(fixed, default=list))
-
-
-def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
-    """Append bool(gates > 0.5) to the graph's output tuple (the router's hard decisions)."""
-    g = gm.graph
-    out = g.output_node()
-    with g.inserting_before(out):
-        hard = g.call_function(aten.gt.Scalar, (gates, 0.5))
-    values = tuple(out.args[0])
-    out.args = ((*values, hard),)
-    codegen = g._codegen
-    if getattr(codegen, "pytree_info", None) is not None:      # an exported module rebuilds its outputs
-        from torch.utils import _pytree as pytree
-
-        spec = pytree.tree_structure(tuple(range(len(values) + 1)))
-        codegen.pytree_info = codegen.pytree_info._replace(out_spec=spec)
-    gm.recompile()
 
 
 def _config_json(graph) -> str:
@@ -404,343 +367,6 @@ def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- the segmented layout -------------------------------------------------------------------------
-
-
-@dataclass
-class _Unit:
-    """One block as the top-level graph holds it. Routed: the cond node, its run branch and the
-    per-sample selects (`gate_stream`) that are its stream outputs; plain: the block's own nodes."""
-
-    index: int
-    name: str
-    first: fx.Node                          # its first node in the graph (for ordering)
-    stream_in: list[fx.Node]
-    stream_out: list[fx.Node]
-    gate: int | None = None
-    body: fx.GraphModule | None = None      # routed: the conditional's run branch
-    operands: list[fx.Node] = field(default_factory=list)   # routed: the cond's operands
-    members: list[fx.Node] = field(default_factory=list)    # plain: the block's nodes
-
-
-def _units(graph) -> list[_Unit]:
-    """Blocks in execution order: routed ones (cond nodes) and plain ones (graph.blocks)."""
-    from graphopt.router import cond_block, gate_stream
-
-    gm = graph.gm
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    units = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is not cond_block:
-            continue
-        name = n.meta.get("graphopt_routed_block", n.name)
-        outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
-        mixed = []
-        for k in range(len(outputs)):
-            selects = [u for u in outputs[k].users if u.target is gate_stream]
-            if len(selects) != 1 or len(outputs[k].users) != 1:
-                raise GraphoptError(f"routed block '{name}': its output {k} is not gated exactly once; "
-                                    "export the graph as the route pass wrote it")
-            mixed.append(selects[0])
-        gate, rows = mixed[0].args[1], mixed[0].args[2]
-        if rows != 1:
-            raise GraphoptError(
-                f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
-                "whole samples along axis 0 of the stream: use layout='single'")
-        units.append(_Unit(-1, name, n, [m.args[4] for m in mixed], mixed, gate=gate,
-                           body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
-    for block in graph.blocks:
-        members = graph._nodes(block.nodes)
-        units.append(_Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
-                           [graph.node(s) for s in block.stream_out], members=members))
-    units.sort(key=lambda u: order[u.first])
-    for i, u in enumerate(units):
-        u.index = i
-    return units
-
-
-def gates_node(graph) -> fx.Node:
-    """The router's per-sample gates (float, batch x routed blocks): getitem(router(...), 0)."""
-    for n in graph.gm.graph.nodes:
-        if n.op == "call_module" and n.target == "router":
-            for u in n.users:
-                if u.target is operator.getitem and u.args[1] == 0:
-                    return u
-    raise GraphoptError("the graph has a router module but no call to it; export the graph as route wrote it")
-
-
-class _Cut:
-    """Builds one segment's fx graph: copies `compute` nodes; what they read from outside becomes a
-    named input, except weights (copied as attributes), sizes and no-op casts (recomputed inside)."""
-
-    def __init__(self, gm: fx.GraphModule, writes: Mapping[fx.Node, list[fx.Node]]):
-        self.gm = gm
-        self.graph = fx.Graph()
-        self.env: dict[fx.Node, fx.Node] = {}
-        self.inputs: list[tuple[str, fx.Node]] = []      # (name, source node in the parent graph)
-        self.writes = writes                             # _inplace_writes(gm)
-
-    def bind(self, node: fx.Node, name: str) -> None:
-        """Make parent value `node` an input of this segment called `name`."""
-        ph = self.graph.placeholder(name)
-        ph.meta.update({k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta})
-        self.env[node] = ph
-        self.inputs.append((name, node))
-
-    def pull(self, node: fx.Node, boundary) -> fx.Node:
-        """The segment's value of parent node `node`; `boundary(node)` names it when it is an input."""
-        if node in self.env:
-            return self.env[node]
-        if node.op == "get_attr":
-            self.env[node] = self.graph.get_attr(node.target)
-        elif node.op == "placeholder" and not isinstance(node.meta.get("val"), torch.Tensor):
-            return node.meta.get("val")      # a non-tensor input torch.export specialized
-        else:
-            name = None if _recomputable(node) else boundary(node)
-            if name is not None:
-                self.bind(node, name)
-            else:
-                self.copy(node, boundary)
-        return self.env[node]
-
-    def copy(self, node: fx.Node, boundary) -> fx.Node:
-        for a in node.all_input_nodes:
-            self.pull(a, boundary)
-        self.env[node] = self.graph.node_copy(node, lambda a: self.pull(a, boundary))
-        # In-place writes into `node` through views (LTX-Video scales its rotary coordinates with
-        # copy_ into slices) have no users, so nothing pulls them: replay them now, in graph order,
-        # before any reader of `node` is copied.
-        for write in self.writes.get(node, ()):
-            for view in reversed(_view_chain(write.args[0], node)):
-                if view not in self.env:
-                    self.env[view] = self.graph.node_copy(view, lambda a: self.pull(a, boundary))
-            self.copy(write, boundary)
-        return self.env[node]
-
-    def module(self, outputs: Sequence[fx.Node]) -> fx.GraphModule:
-        """The segment as a module returning `outputs` (nodes of this segment's graph)."""
-        self.graph.output(tuple(outputs))
-        module = fx.GraphModule(self.gm, self.graph)
-        module.graph.eliminate_dead_code()
-        module.recompile()
-        return module
-
-
-def _view_chain(node: fx.Node, base: fx.Node) -> list[fx.Node]:
-    """The view ops from `node` back to `base` (node first), e.g. [slice_2] for slice(base)."""
-    chain = []
-    while node is not base:
-        chain.append(node)
-        node = node.args[0]
-    return chain
-
-
-def _inplace_writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
-    """In-place ops whose result nobody reads, by the tensor they write (through views), in graph
-    order. Refuses a graph where that tensor is read, other than to compute the writes, before the
-    last of them: a segment could not replay the writes at one point."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    writes: dict[fx.Node, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.users or not isinstance(n.target, torch._ops.OpOverload) \
-                or not n.target._schema.is_mutable:
-            continue
-        base = n.args[0]
-        while base.op == "call_function" and isinstance(base.target, torch._ops.OpOverload) \
-                and base.target.is_view:
-            base = base.args[0]
-        writes.setdefault(base, []).append(n)
-    for base, ws in writes.items():
-        feeding = set()                                  # what the writes compute from
-        todo = list(ws)
-        while todo:
-            n = todo.pop()
-            if n not in feeding:
-                feeding.add(n)
-                todo.extend(n.all_input_nodes)
-        views, todo = {base}, [base]
-        while todo:
-            n = todo.pop()
-            for u in n.users:
-                if isinstance(u.target, torch._ops.OpOverload) and u.target.is_view and u not in views:
-                    views.add(u)
-                    todo.append(u)
-        last = max(order[w] for w in ws)
-        early = [u for v in views for u in v.users    # (a reader nobody uses, e.g. an assert, is harmless)
-                 if u not in feeding and u not in views and u.users and order[u] < last]
-        if early:
-            raise GraphoptError(
-                f"'{early[0].name}' reads '{base.name}' before the in-place write "
-                f"'{ws[-1].name}' to it: the segmented layout cannot cut this graph; export with "
-                f"layout='single'")
-    return writes
-
-
-def _recomputable(node: fx.Node) -> bool:
-    """Sizes (cond and ONNX segment boundaries carry tensors only) and casts that may alias."""
-    if node.op != "call_function":
-        return False
-    if node.target in _SIZE_OPS:
-        return True
-    return node.target in _MAY_ALIAS and isinstance(node.meta.get("val"), torch.Tensor)
-
-
-@dataclass
-class _SegmentPlan:
-    """One segment to export: its fx module, its inputs (name, parent node whose value feeds it), and
-    the names of its outputs in the module's output order."""
-
-    kind: str
-    file: str
-    module: fx.GraphModule
-    inputs: list[tuple[str, fx.Node]]
-    outputs: list[str]
-    block: int | None = None
-    gate: int | None = None
-
-
-def _plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
-    """Cut the graph into prologue, blocks, epilogue; returns (plans, stream names, gates name)."""
-    gm = graph.gm
-    units = _units(graph)
-    if not units:
-        raise GraphoptError("the graph has no blocks: nothing to segment (export it with layout='single')")
-    taken = {n.name for n in gm.graph.nodes}
-    width = len(units[0].stream_in)
-    stream = [_free_name("stream" if width == 1 else f"stream_{j}", taken) for j in range(width)]
-    gates = _free_name(GATES_NAME, taken) if any(u.gate is not None for u in units) else None
-    writer = {o: u for u in units for o in u.stream_out}
-    writes = _inplace_writes(gm)
-    model_inputs = [p for p in graph.placeholders() if isinstance(p.meta.get("val"), torch.Tensor)]
-
-    # Stream names follow each block's in -> out pairing; each block reads what the last wrote. A
-    # block may carry fewer streams than the one before (HunyuanVideo's last single-stream block
-    # writes only the video tokens): the others pass through its segment unchanged.
-    stream_of = {n: stream[j] for j, n in enumerate(units[0].stream_in)}
-    current = list(units[0].stream_in)                 # the node holding each stream, in order
-    passthrough: dict[str, list[fx.Node]] = {}
-    for prev, unit in zip([None, *units], units):
-        if not set(unit.stream_in) <= set(current):     # (the first unit reads `current` itself)
-            raise GraphoptError(
-                f"block '{unit.name}' reads {[n.name for n in unit.stream_in]} but '{prev.name}' writes "
-                f"{[n.name for n in prev.stream_out]}: something runs on the stream between them, which the "
-                "segmented contract has no place for; export with layout='single'")
-        passthrough[unit.name] = [n for n in current if n not in unit.stream_in]
-        for n_in, n_out in zip(unit.stream_in, unit.stream_out):
-            stream_of[n_out] = stream_of[n_in]
-            current[current.index(n_in)] = n_out
-
-    side: dict[fx.Node, None] = {}       # values the prologue hands to blocks and epilogue (ordered set)
-
-    def needs_prologue(reader: str, allow_stream: bool = False):
-        def boundary(node: fx.Node) -> str | None:
-            if node.op == "placeholder":
-                return node.name
-            if node in writer:
-                raise GraphoptError(
-                    f"{reader} reads '{node.name}', computed from the stream by block '{writer[node].name}'; "
-                    "the segmented contract feeds a segment the stream plus values computed before the first "
-                    "block: export with layout='single'")
-            if allow_stream and not _before_blocks(node, writer):
-                return None         # the epilogue computes what depends on the final stream itself
-            side[node] = None
-            return _side_name(node)
-        return boundary
-
-    plans: list[_SegmentPlan] = []
-    for unit in units:
-        cut = _Cut(gm, writes)
-        for node in [*unit.stream_in, *passthrough[unit.name]]:
-            cut.bind(node, stream_of[node])
-        boundary = needs_prologue(f"block '{unit.name}'")
-        if unit.body is not None:
-            outputs = _inline_branch(cut, unit, boundary)
-        else:
-            for m in unit.members:
-                if m not in cut.env:
-                    cut.copy(m, boundary)
-            outputs = [cut.env[o] for o in unit.stream_out]
-        by_name = {stream_of[o]: v for o, v in zip(unit.stream_out, outputs)}
-        for n in passthrough[unit.name]:        # a copy: the ONNX exporter renames an input returned as is
-            copy = cut.graph.call_function(aten.clone.default, (cut.env[n],))
-            copy.meta.update(cut.env[n].meta)
-            by_name[stream_of[n]] = copy
-        plans.append(_SegmentPlan("block", f"block_{unit.index:02d}.onnx", cut.module([by_name[s] for s in stream]),
-                                  cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate))
-
-    epi = _Cut(gm, writes)
-    for node in current:
-        epi.bind(node, stream_of[node])
-    boundary = needs_prologue("the model's output", allow_stream=True)
-    results = list(gm.graph.output_node().args[0])
-    values = [epi.pull(r, boundary) for r in results]
-    names = [OUTPUT_NAME] + [f"output_{k}" for k in range(1, len(results))]
-    epilogue = _SegmentPlan("epilogue", "epilogue.onnx", epi.module(values), epi.inputs, names)
-
-    pro = _Cut(gm, writes)
-    for node in model_inputs:
-        pro.bind(node, node.name)
-
-    def inside_prologue(node: fx.Node) -> None:
-        return None     # everything the prologue needs it computes from the model inputs
-
-    soft_gates = gates_node(graph) if gates is not None else None
-    if soft_gates is not None and not _before_blocks(soft_gates, writer):
-        raise GraphoptError(
-            "the router reads the stream after the first block (the first routed block is not the "
-            "first block); the segmented layout decides every gate in the prologue: route from the "
-            "first block, or export with layout='single'")
-    values = [pro.pull(n, inside_prologue) for n in units[0].stream_in]
-    names = list(stream)
-    if gates is not None:
-        soft = pro.pull(soft_gates, inside_prologue)
-        values.append(pro.graph.call_function(aten.gt.Scalar, (soft, 0.5)))
-        names.append(gates)
-    for node in side:
-        values.append(pro.pull(node, inside_prologue))
-        names.append(_side_name(node))
-    prologue = _SegmentPlan("prologue", "prologue.onnx", pro.module(values), pro.inputs, names)
-    return [prologue, *plans, epilogue], stream, gates
-
-
-def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, _Unit]) -> bool:
-    """True when `node` does not depend on any block's output (the prologue can compute it)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in writer:
-            return False
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return True
-
-
-def _inline_branch(cut: _Cut, unit: _Unit, boundary) -> list[fx.Node]:
-    """Copy a routed block's run branch into `cut`, its placeholders bound to the cond's operands."""
-    env: dict[fx.Node, Any] = {}
-    placeholders = [n for n in unit.body.graph.nodes if n.op == "placeholder"]
-    for ph, operand in zip(placeholders, unit.operands):
-        env[ph] = cut.pull(operand, boundary)
-    for n in unit.body.graph.nodes:
-        if n.op == "placeholder":
-            continue
-        if n.op == "output":
-            return [env[o] for o in n.args[0]]
-        env[n] = cut.graph.node_copy(n, lambda a: env[a])
-    raise GraphoptError(f"routed block '{unit.name}': its branch has no output")
-
-
-def _side_name(node: fx.Node) -> str:
-    """A side tensor's name: prefixed, so it never meets a value name the ONNX exporter makes up."""
-    return f"side_{node.name}"
-
-
-def _free_name(name: str, taken: set[str]) -> str:
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return name
 
 
 def _example_values(graph, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
@@ -769,7 +395,7 @@ def _batch_axes(node: fx.Node, batch: Any) -> list[int]:
 def _export_segmented(graph, out: Path, opset: int) -> None:
     from tqdm.auto import tqdm
 
-    plans, stream, gates = _plan_segments(graph)
+    plans, stream, gates = plan_segments(graph)
     latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
     batch = latent.meta["val"].shape[0].node.expr
     values = _example_values(graph, {node for plan in plans for _, node in plan.inputs})
@@ -806,7 +432,7 @@ def load_onnx(path: str | os.PathLike, *, providers: Sequence[Any] | None = None
     the CUDA EP on the device's index when `device` is cuda); `session_options`: an
     onnxruntime.SessionOptions for every session (threads, graph optimization level).
     """
-    from graphopt.exporters.ort_runner import OrtBackend
+    from graphopt.exporters.ort_runner import OrtBackend, SingleFileModel
     from graphopt.exporters.runtime import SegmentedModel
 
     path = Path(path)
@@ -824,42 +450,3 @@ def load_onnx(path: str | os.PathLike, *, providers: Sequence[Any] | None = None
     if path.suffix != ".onnx":
         raise GraphoptError(f"'{path}' is neither a manifest.json nor a .onnx file")
     return SingleFileModel(path, providers=providers, device=device, session_options=session_options)
-
-
-class SingleFileModel(FacadeModel):
-    """A single-file export (router and If blocks inside) in onnxruntime, called like the transformer.
-
-    The router runs inside the graph; its `gates` output tells which blocks ran (a routed block runs
-    when any sample of the batch needs it), recorded per call. Forcing gates needs a re-export.
-    """
-
-    what = "ONNX model"
-
-    def __init__(self, path: str | os.PathLike, *, providers: Sequence[Any] | None = None,
-                 device: str | torch.device = "cpu", session_options: Any = None):
-        import onnx
-
-        from graphopt.exporters.ort_runner import OrtRunner
-
-        path = Path(path)
-        segment = Segment.from_onnx(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if META_BLOCKS not in meta:
-            raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
-                                "re-export it")
-        super().__init__(json.loads(meta.get(META_CONFIG, "{}")), segment.inputs,
-                         json.loads(meta[META_BLOCKS]))
-        self.device = torch.device(device)
-        self.runner = OrtRunner(path, segment, self.device, providers, session_options)
-        self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
-        self.outputs = [spec.name for spec in segment.outputs if spec.name != GATES_NAME]
-        self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
-
-    def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        check_fixed_inputs(self.fixed, kwargs, "ONNX model")
-        return super().__call__(*args, return_dict=return_dict, **kwargs)
-
-    def _run(self, feeds):
-        out = self.runner(feeds)
-        gates = out[GATES_NAME].cpu().numpy() if self.routed else None
-        return tuple(out[name] for name in self.outputs), gates

@@ -5,16 +5,21 @@ are preallocated torch tensors that onnxruntime writes into (IOBinding). An outp
 be derived from the inputs' named dims (e.g. a token count the prologue computes) is allocated by
 onnxruntime the first time; the dims it reveals are remembered per input-shape signature, so later
 calls with the same shapes preallocate it too.
+
+`SingleFileModel` runs a single-file export (router and `If` blocks inside) in one such session,
+called like the diffusers transformer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from graphopt.dropin import FacadeModel
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import (
     ONNX_ELEM_TYPES,
@@ -23,7 +28,9 @@ from graphopt.exporters.manifest import (
     TensorSpec,
     compare_io,
 )
-from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner
+from graphopt.exporters.onnx import META_BLOCKS, META_CONFIG, META_FIXED
+from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, check_fixed_inputs
+from graphopt.exporters.segments import GATES_NAME
 
 # onnxruntime's type strings ("tensor(float)") -> manifest dtype names.
 _ORT_TYPES = {
@@ -159,6 +166,43 @@ class OrtBackend:
             OrtRunner(manifest.path_of(seg), seg, device, self.providers, self.session_options)
             for seg in manifest.segments
         ]
+
+
+class SingleFileModel(FacadeModel):
+    """A single-file export (router and If blocks inside) in onnxruntime, called like the transformer.
+
+    The router runs inside the graph; its `gates` output tells which blocks ran (a routed block runs
+    when any sample of the batch needs it), recorded per call. Forcing gates needs a re-export.
+    """
+
+    what = "ONNX model"
+
+    def __init__(self, path: str | os.PathLike, *, providers: Sequence[Any] | None = None,
+                 device: str | torch.device = "cpu", session_options: Any = None):
+        import onnx
+
+        path = Path(path)
+        segment = Segment.from_onnx(path)
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if META_BLOCKS not in meta:
+            raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
+                                "re-export it")
+        super().__init__(json.loads(meta.get(META_CONFIG, "{}")), segment.inputs,
+                         json.loads(meta[META_BLOCKS]))
+        self.device = torch.device(device)
+        self.runner = OrtRunner(path, segment, self.device, providers, session_options)
+        self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
+        self.outputs = [spec.name for spec in segment.outputs if spec.name != GATES_NAME]
+        self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
+
+    def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        check_fixed_inputs(self.fixed, kwargs, "ONNX model")
+        return super().__call__(*args, return_dict=return_dict, **kwargs)
+
+    def _run(self, feeds):
+        out = self.runner(feeds)
+        gates = out[GATES_NAME].cpu().numpy() if self.routed else None
+        return tuple(out[name] for name in self.outputs), gates
 
 
 def _as_dim(dim: Any) -> int | str:

@@ -105,7 +105,7 @@ class GraphTransformer(FacadeModel):
         if graph.is_meta:
             raise GraphoptError("this graph has no weights (meta device): load the compressed folder "
                                 "with graphopt.load, or stream the weights in first")
-        from graphopt.exporters.onnx import block_table
+        from graphopt.router import block_table
 
         config = json.loads(json.dumps(dict(graph.config), default=lambda _: None))
         super().__init__(config, input_specs(graph), block_table(graph))

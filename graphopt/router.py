@@ -350,3 +350,93 @@ def _tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t) or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+# -- the router in a routed graph: the nodes `route` wrote, as the exporters read them ------------
+
+import operator
+from dataclasses import dataclass, field
+
+from torch import fx
+
+
+@dataclass
+class Unit:
+    """One block as the top-level graph holds it. Routed: the cond node, its run branch and the
+    per-sample selects (`gate_stream`) that are its stream outputs; plain: the block's own nodes."""
+
+    index: int
+    name: str
+    first: fx.Node                          # its first node in the graph (for ordering)
+    stream_in: list[fx.Node]
+    stream_out: list[fx.Node]
+    gate: int | None = None
+    body: fx.GraphModule | None = None      # routed: the conditional's run branch
+    operands: list[fx.Node] = field(default_factory=list)   # routed: the cond's operands
+    members: list[fx.Node] = field(default_factory=list)    # plain: the block's nodes
+
+
+def units(graph) -> list[Unit]:
+    """Blocks in execution order: routed ones (cond nodes) and plain ones (graph.blocks)."""
+    gm = graph.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not cond_block:
+            continue
+        name = n.meta.get("graphopt_routed_block", n.name)
+        outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
+        mixed = []
+        for k in range(len(outputs)):
+            selects = [u for u in outputs[k].users if u.target is gate_stream]
+            if len(selects) != 1 or len(outputs[k].users) != 1:
+                raise GraphoptError(f"routed block '{name}': its output {k} is not gated exactly once; "
+                                    "export the graph as the route pass wrote it")
+            mixed.append(selects[0])
+        gate, rows = mixed[0].args[1], mixed[0].args[2]
+        if rows != 1:
+            raise GraphoptError(
+                f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
+                "whole samples along axis 0 of the stream: use layout='single'")
+        units.append(Unit(-1, name, n, [m.args[4] for m in mixed], mixed, gate=gate,
+                           body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
+    for block in graph.blocks:
+        members = graph._nodes(block.nodes)
+        units.append(Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
+                           [graph.node(s) for s in block.stream_out], members=members))
+    units.sort(key=lambda u: order[u.first])
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
+def gates_node(graph) -> fx.Node:
+    """The router's per-sample gates (float, batch x routed blocks): getitem(router(...), 0)."""
+    for n in graph.gm.graph.nodes:
+        if n.op == "call_module" and n.target == "router":
+            for u in n.users:
+                if u.target is operator.getitem and u.args[1] == 0:
+                    return u
+    raise GraphoptError("the graph has a router module but no call to it; export the graph as route wrote it")
+
+
+def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
+    """Append bool(gates > 0.5) to the graph's output tuple (the router's hard decisions)."""
+    g = gm.graph
+    out = g.output_node()
+    with g.inserting_before(out):
+        hard = g.call_function(torch.ops.aten.gt.Scalar, (gates, 0.5))
+    values = tuple(out.args[0])
+    out.args = ((*values, hard),)
+    codegen = g._codegen
+    if getattr(codegen, "pytree_info", None) is not None:      # an exported module rebuilds its outputs
+        from torch.utils import _pytree as pytree
+
+        spec = pytree.tree_structure(tuple(range(len(values) + 1)))
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=spec)
+    gm.recompile()
+
+
+def block_table(graph) -> list[dict]:
+    """[{"block": i, "gate": column or None}] in execution order, from the units of the graph."""
+    return [{"block": u.index, "gate": u.gate} for u in units(graph)]

@@ -233,7 +233,7 @@ def test_shipped_teacher_routed_both_layouts(tmp_path, layout):
 def test_a_read_before_an_in_place_write_is_refused():
     """A segment replays a write where it computes the tensor; a reader of the tensor before the
     write would then see the written value, so such a graph is refused with a clear error."""
-    from graphopt.exporters.onnx import _inplace_writes
+    from graphopt.exporters.segments import _inplace_writes
 
     class ReadThenWrite(torch.nn.Module):
         def forward(self, x):

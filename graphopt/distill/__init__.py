@@ -5,15 +5,9 @@ progressive trainer (stage 1: width recovery, router off; stage 2: student + rou
 
 from graphopt.distill.config import DistillConfig, config_from_dict, load_config, read_config
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
-from graphopt.distill.trainer import (
-    DistillData,
-    DistillPair,
-    Outputs,
-    TrainResult,
-    latest_checkpoint,
-    output_error,
-    train,
-)
+from graphopt.distill.checkpoint import latest_checkpoint
+from graphopt.distill.data import DistillData
+from graphopt.distill.trainer import DistillPair, Outputs, TrainResult, output_error, train
 from graphopt.distill.run import DistillReport, distill, distill_config, save_distilled
 
 __all__ = [

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from graphopt.distill.config import DistillConfig, config_from_dict, read_config
-from graphopt.distill.trainer import DistillData, output_error, train
+from graphopt.distill.data import DistillData
+from graphopt.distill.trainer import output_error, train
 from graphopt.errors import GraphoptError
 
 EVAL_BATCHES = 4        # held-out batches (own seed) for the before/after output error

@@ -30,8 +30,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,10 +41,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from graphopt.distill.config import DataConfig, DistillConfig, OptimizerConfig
+from graphopt.distill.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    optimizer_from_files,
+    optimizer_to_files,
+    save_tensors,
+)
+from graphopt.distill.config import DistillConfig, OptimizerConfig
+from graphopt.distill.data import DistillData
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_path, atomic_write_text
+from graphopt.io import atomic_write_text
 
 
 @dataclass
@@ -101,96 +108,6 @@ class TrainResult:
     checkpoint: Path | None
     log_path: Path
     discriminator: MCADiscriminator | None  # the trained MCA discriminator (None when mca_weight = 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-class DistillData:
-    """Batches of noisy inputs for one process, drawn from a CPU torch.Generator (so a run gives the
-    same batches on any device, and the generator state can be checkpointed).
-
-    Folder mode: every *.safetensors file holds one sample, `latents` (C, F, H, W) and optionally
-    `encoder_hidden_states` (L, D); samples are drawn uniformly with replacement. Text states
-    absent from the files (or with no folder) are drawn from N(0, I) with data.text_shape.
-    """
-
-    def __init__(self, config: DataConfig, *, seed: int, rank: int, dtype: torch.dtype, device: torch.device):
-        self.config = config
-        self.dtype = dtype
-        self.device = device
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-        self.files: list[Path] = []
-        self.files_have_text = False
-        if config.folder is not None:
-            self.files, self.files_have_text = self._scan_folder(Path(config.folder))
-        if not self.files_have_text and config.text_shape is None:
-            raise GraphoptError(
-                "[data] text_shape is needed to draw random text states "
-                + ("(the data files have no `encoder_hidden_states`)" if self.files else "(no data folder given)")
-                + "; set text_shape = [tokens, dim] of the model's text encoder"
-            )
-
-    def _scan_folder(self, folder: Path) -> tuple[list[Path], bool]:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise GraphoptError(f"[data] folder {folder} has no *.safetensors files; add samples or drop `folder`")
-        shapes: dict[str, set[tuple[int, ...]]] = {"latents": set(), "encoder_hidden_states": set()}
-        with_text = 0
-        for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                keys = set(handle.keys())
-                if "latents" not in keys:
-                    raise GraphoptError(f"[data] {path} has no `latents` tensor (found {sorted(keys)})")
-                for key in shapes:
-                    if key in keys:
-                        shapes[key].add(tuple(handle.get_slice(key).get_shape()))
-                with_text += "encoder_hidden_states" in keys
-        for key, found in shapes.items():
-            rank = 4 if key == "latents" else 2
-            if len(found) > 1 or any(len(s) != rank for s in found):
-                raise GraphoptError(
-                    f"[data] `{key}` must have one shape of rank {rank} across {folder}, found {sorted(found)}"
-                )
-        if 0 < with_text < len(files):
-            raise GraphoptError(
-                f"[data] {with_text} of {len(files)} files in {folder} have `encoder_hidden_states`: all or none must"
-            )
-        return files, with_text == len(files)
-
-    def next_batch(self) -> dict[str, Any]:
-        """The next batch of this process's stream."""
-        return self.sample(self.generator)
-
-    def sample(self, generator: torch.Generator) -> dict[str, Any]:
-        """A batch drawn from `generator`: x_t = (1 − s)·x0 + s·ε, timestep = s·num_train_timesteps."""
-        batch = self.config.batch_size
-        text = None
-        if self.files:
-            picks = torch.randint(len(self.files), (batch,), generator=generator).tolist()
-            samples = [load_file(str(self.files[i])) for i in picks]
-            x0 = torch.stack([sample["latents"].float() for sample in samples])
-            if self.files_have_text:
-                text = torch.stack([sample["encoder_hidden_states"].float() for sample in samples])
-        else:
-            x0 = torch.randn(batch, *self.config.latent_shape, generator=generator)
-        if text is None:
-            text = torch.randn(batch, *self.config.text_shape, generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        if self.config.timestep_sampling == "uniform":
-            s = torch.rand(batch, generator=generator)
-        else:
-            s = torch.sigmoid(torch.randn(batch, generator=generator))
-        s = self.config.shift * s / (1 + (self.config.shift - 1) * s)
-        s_b = s.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s_b) * x0 + s_b * noise
-        return {
-            "hidden_states": x_t.to(self.device, self.dtype),
-            "timestep": (s * self.config.num_train_timesteps).to(self.device),
-            "encoder_hidden_states": text.to(self.device, self.dtype),
-            "return_dict": False,
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,56 +185,9 @@ def _shard_fsdp(module: nn.Module, device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint files (safetensors + JSON; nothing is ever unpickled)
+# Checkpoints (the files: graphopt.distill.checkpoint)
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """safetensors refuses tensors sharing storage (tied weights): such duplicates are cloned."""
-    seen: set[int] = set()
-    out = {}
-    for key, value in tensors.items():
-        value = value.detach().cpu().contiguous()
-        pointer = value.untyped_storage().data_ptr()
-        out[key] = value.clone() if pointer in seen and value.numel() else value
-        seen.add(pointer)
-    with atomic_path(path) as tmp:
-        save_file(out, str(tmp))
-
-
-def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """FQN-keyed optimizer state → tensors `state/<fqn>/<name>` + JSON for scalars and param groups."""
-    tensors, scalars = {}, {}
-    for fqn, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f"state/{fqn}/{name}"] = value
-            else:
-                scalars.setdefault(fqn, {})[name] = value
-    return tensors, {"state_scalars": scalars, "param_groups": state["param_groups"]}
-
-
-def _optimizer_from_files(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[str, dict[str, Any]] = {fqn: dict(values) for fqn, values in meta["state_scalars"].items()}
-    for key, value in tensors.items():
-        fqn, name = key[len("state/"):].rsplit("/", 1)
-        state.setdefault(fqn, {})[name] = value
-    groups = [
-        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
-        for group in meta["param_groups"]
-    ]
-    return {"state": state, "param_groups": groups}
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    return sorted(p for p in output_dir.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under output_dir, or None."""
-    found = _checkpoint_dirs(Path(output_dir))
-    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,16 +435,16 @@ class _Trainer:
         if self.discriminator is not None:
             disc = get_model_state_dict(self.discriminator, options=_FULL)
             disc_optim = get_optimizer_state_dict(self.discriminator, self.discriminator_optimizer, options=_FULL)
-        _save_tensors(tmp / f"rng-rank{self.procs.rank}.safetensors", self._rng_state())
+        save_tensors(tmp / f"rng-rank{self.procs.rank}.safetensors", self._rng_state())
         if self.procs.is_main:
-            _save_tensors(tmp / "student.safetensors", student)
-            tensors, meta = _optimizer_to_files(student_optim)
-            _save_tensors(tmp / "optimizer-student.safetensors", tensors)
+            save_tensors(tmp / "student.safetensors", student)
+            tensors, meta = optimizer_to_files(student_optim)
+            save_tensors(tmp / "optimizer-student.safetensors", tensors)
             atomic_write_text(tmp / "optimizer-student.json", json.dumps(meta))
             if self.discriminator is not None:
-                _save_tensors(tmp / "discriminator.safetensors", disc)
-                tensors, meta = _optimizer_to_files(disc_optim)
-                _save_tensors(tmp / "optimizer-discriminator.safetensors", tensors)
+                save_tensors(tmp / "discriminator.safetensors", disc)
+                tensors, meta = optimizer_to_files(disc_optim)
+                save_tensors(tmp / "optimizer-discriminator.safetensors", tensors)
                 atomic_write_text(tmp / "optimizer-discriminator.json", json.dumps(meta))
         self.procs.barrier()
         if self.procs.is_main:
@@ -583,7 +453,7 @@ class _Trainer:
             atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in _checkpoint_dirs(self.output_dir)[: -self.config.run.keep_checkpoints]:
+            for old in checkpoint_dirs(self.output_dir)[: -self.config.run.keep_checkpoints]:
                 shutil.rmtree(old)
         self.procs.barrier()
         return final
@@ -611,7 +481,7 @@ class _Trainer:
         # Every process reads the full files and keeps its own part (FSDP2 slices its shard).
         load = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.pair.student, load_file(str(folder / "student.safetensors")), options=load)
-        student_optim = _optimizer_from_files(load_file(str(folder / "optimizer-student.safetensors")),
+        student_optim = optimizer_from_files(load_file(str(folder / "optimizer-student.safetensors")),
                                               json.loads((folder / "optimizer-student.json").read_text()))
         # A stage-1 checkpoint has no Adam state for the router (no gradient yet). Loading is not
         # strict for that, and the loader's placeholder state (a zero-gradient step, which would
@@ -623,7 +493,7 @@ class _Trainer:
                 self.student_optimizer.state.pop(param, None)
         if self.discriminator is not None:
             self.discriminator.load_state_dict(load_file(str(folder / "discriminator.safetensors")))
-            set_optimizer_state_dict(self.discriminator, self.discriminator_optimizer, _optimizer_from_files(
+            set_optimizer_state_dict(self.discriminator, self.discriminator_optimizer, optimizer_from_files(
                 load_file(str(folder / "optimizer-discriminator.safetensors")),
                 json.loads((folder / "optimizer-discriminator.json").read_text())), options=load)
         rng = load_file(str(folder / f"rng-rank{self.procs.rank}.safetensors"))
