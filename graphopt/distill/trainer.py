@@ -13,8 +13,9 @@ the target is the teacher's prediction at x_t.
 
 Runs as one process or under `torchrun` (DDP on gloo/nccl, or FSDP2 `fully_shard` for students
 too large for one GPU). Checkpoints are folders of safetensors files plus JSON, written to a
-temporary folder and renamed into place; resuming restores weights, optimizer states and every
-RNG, so an interrupted run logs the same losses as an uninterrupted one.
+temporary folder and renamed into place, in a checkpoint folder graphopt marks as its own (one
+holding other files is refused: old checkpoints are deleted there); resuming restores weights,
+optimizer states and every RNG, so an interrupted run logs the same losses as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 from graphopt.distill.config import DataConfig, DistillConfig, OptimizerConfig
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_path, atomic_write_text
+from graphopt.io import atomic_path, atomic_write_text, check_work_dir, claim_dir
 
 
 @dataclass
@@ -318,6 +320,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder under output_dir, or None."""
     found = _checkpoint_dirs(Path(output_dir))
     return found[-1] if found else None
+
+
+# What a checkpoint folder holds; a folder with only these (written before graphopt marked its
+# folders) is adopted, one with anything else is refused: graphopt deletes old checkpoints there.
+_CHECKPOINT_ENTRY = re.compile(r"step-\d{8}|\.step-\d{8}\.tmp|log\.jsonl")
+_CHECKPOINT_FIX = "choose a new or empty checkpoint folder ([run] output_dir, or --checkpoints)"
+
+
+def check_checkpoint_dir(output_dir: str | Path) -> Path:
+    """Refuse a checkpoint folder that holds files graphopt did not write (before the run starts)."""
+    return check_work_dir(output_dir, adopt=_CHECKPOINT_ENTRY.fullmatch, fix=_CHECKPOINT_FIX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,8 +665,11 @@ class _Trainer:
         config = self.config
         total = config.total_steps
         end = total if stop_at_step is None else min(stop_at_step, total)
+        check_checkpoint_dir(self.output_dir)     # every process: none waits at the barrier alone
+        self.procs.barrier()
         if self.procs.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            claim_dir(self.output_dir, what="graphopt distill (checkpoints)",
+                      adopt=_CHECKPOINT_ENTRY.fullmatch, fix=_CHECKPOINT_FIX)
         self.procs.barrier()
         previous = latest_checkpoint(self.output_dir)
         if previous is not None and not config.run.resume:
