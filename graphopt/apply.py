@@ -361,9 +361,10 @@ def apply_recipe(recipe, weights, out, *, overwrite: bool = False, console=None)
 
     protect = [recipe, weights]
     target = check_output_dir(out, protect=protect, overwrite=overwrite)
+    work = target.parent / f".{target.name}.partial"
+    _journal(work)                  # a work folder graphopt did not make fails now, not after planning
     p = plan(recipe, weights)
     out = Path(out)
-    work = target.parent / f".{target.name}.partial"
     done = _resume(work, p.fingerprint, console)
     total = sum(e.source.nbytes for es in p.shards.values() for e in es if e.source is not None)
     handles: dict[Path, object] = {}
@@ -391,17 +392,8 @@ def apply_recipe(recipe, weights, out, *, overwrite: bool = False, console=None)
 
 def _resume(work: Path, fingerprint: str, console) -> dict[str, int]:
     """Shards a previous run of the same plan finished (name → bytes); a fresh folder else."""
-    journal = work / JOURNAL
     if os.path.lexists(work):
-        try:
-            state = json.loads(journal.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            state = {}
-        state = state if isinstance(state, dict) else {}
-        ours = read_marker(work) is not None or "fingerprint" in state   # journal: made before markers
-        if work.is_symlink() or not work.is_dir() or not ours:
-            raise GraphoptError(f"'{work}' is in the way: graphopt apply assembles its output there, "
-                                f"and did not make this one; move it away")
+        state = _journal(work)
         if state.get("fingerprint") == fingerprint:
             for tmp in work.glob(".*.tmp"):
                 tmp.unlink()
@@ -417,6 +409,22 @@ def _resume(work: Path, fingerprint: str, console) -> dict[str, int]:
     work.mkdir(parents=True)
     mark_dir(work, "graphopt apply")
     return {}
+
+
+def _journal(work: Path) -> dict:
+    """The journal of work folder `work` ({} if none); refused if graphopt did not make `work`."""
+    if not os.path.lexists(work):
+        return {}
+    try:
+        state = json.loads((work / JOURNAL).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        state = {}
+    state = state if isinstance(state, dict) else {}
+    ours = read_marker(work) is not None or "fingerprint" in state   # journal: made before markers
+    if work.is_symlink() or not work.is_dir() or not ours:
+        raise GraphoptError(f"'{work}' is in the way: graphopt apply assembles its output there, "
+                            f"and did not make this one; move it away")
+    return state
 
 
 def _write_shard(path: Path, entries: list[Entry], handles: dict, bar) -> int:

@@ -89,6 +89,20 @@ def test_the_input_and_a_folder_holding_it_are_refused_even_with_overwrite(model
     assert _snapshot(model_folder) == before
 
 
+def test_apply_reruns_over_its_output_but_leaves_a_foreign_work_folder(model_folder, tmp_path, capsys):
+    assert main(["compress", str(model_folder), "--passes", "prune", "-o", str(tmp_path / "c")]) == 0
+    apply = ["apply", str(tmp_path / "c" / "recipe.json"), "--weights", str(model_folder),
+             "-o", str(tmp_path / "out")]
+    notes = _unrelated(tmp_path / ".out.partial")
+    capsys.readouterr()
+    _fails(apply, capsys, "is in the way")
+    assert notes.exists() and not (tmp_path / "out").exists()
+    shutil.rmtree(tmp_path / ".out.partial")
+    assert main(apply) == 0 and main(apply) == 0
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["written_by"] == "graphopt apply"
+    assert _hidden(tmp_path) == []
+
+
 def test_distill_never_replaces_its_inputs_or_foreign_checkpoints(tmp_path, capsys):
     config = Path(__file__).parents[1] / "graphopt" / "assets" / "distill_tiny.toml"
     compressed = tmp_path / "compressed"
