@@ -7,7 +7,8 @@ code: a block whose conditional does not run costs nothing. What the package run
 it stands: the router's budget and any `force_gates` are baked in (the metadata records both). Its
 outputs are the model's and, for a routed model, the router's hard gates, so the loaded model can
 say which blocks ran. Shapes are those of the capture (a dynamic-batch capture keeps its symbolic
-batch). The package is compiled under a temporary name and renamed into place.
+batch). The package is compiled in a marked temporary folder next to it (one a killed run left
+is deleted by the next) and renamed into place.
 
 `load_aoti(path)` returns an `AOTIModel`, called like the diffusers transformer
 (`graphopt.dropin.FacadeModel`): it can replace `pipe.transformer`.
@@ -23,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from torch import fx
 from graphopt.dropin import FacadeModel, fixed_inputs, input_specs
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import TensorSpec
+from graphopt.io import scratch_dir
 
 META = "graphopt"    # metadata keys: graphopt.config, .inputs, .fixed, .blocks, .router
 
@@ -48,6 +48,9 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
     if path.suffix != ".pt2":
         raise GraphoptError(f"an AOTInductor package is a .pt2 file; got '{path}' (name it e.g. "
                             f"{path.with_suffix('.pt2').name})")
+    if path.is_dir():
+        raise GraphoptError(f"'{path}' is a folder: give the package's file path, e.g. "
+                            f"{path / 'model.pt2'}")
     if graph.is_meta:
         raise GraphoptError("this graph has no weights (meta device): AOTInductor compiles the "
                             "weights into the package. Load the compressed folder with "
@@ -69,9 +72,7 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
             "budget": router.budget,
             "force_gates": None if router.force_gates is None else router.force_gates.tolist()}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with scratch_dir(path, what="graphopt export_aoti") as tmp:
         with tqdm(total=2, desc="AOTInductor", unit="stage", leave=False) as bar:
             bar.set_postfix_str("torch.export")
             try:
@@ -87,8 +88,6 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
                     inductor_configs={"aot_inductor.metadata": metadata})
             bar.update()
         os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

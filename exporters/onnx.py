@@ -47,7 +47,7 @@ from torch import fx
 from graphopt import router
 from graphopt.dropin import fixed_inputs
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_dir
+from graphopt.io import atomic_dir, check_output_dir
 from graphopt.exporters.manifest import DimRange, Segment, SegmentedManifest
 from graphopt.exporters.segments import GATES_NAME, OUTPUT_NAME, plan_segments
 
@@ -70,14 +70,16 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 
 def export_onnx(graph, out_dir: str | os.PathLike, *, layout: str = "single", dynamic: bool = True,
-                opset: int | None = None) -> Path:
+                opset: int | None = None, overwrite: bool = False, protect=()) -> Path:
     """Export `graph` (a DiTGraph: plain, pruned, dropped and/or routed) to ONNX under `out_dir`.
 
     Returns the path to load: `out_dir/model.onnx` (single) or `out_dir/manifest.json` (segmented).
     `out_dir` is written whole or not at all (assembled in a temporary folder next to it, then
-    renamed over it). The router decides the gates in the exported graph (a `force_gates` set on
-    the module is not exported). `dynamic=False` keeps the captured batch (single layout only: the
-    segmented contract selects samples along a named batch axis).
+    renamed over it). It is refused if it holds files graphopt did not write (unless `overwrite`),
+    or is or contains the graph's source or a path in `protect` (graphopt.io.check_output_dir),
+    checked before the export starts. The router decides the gates in the exported graph (a
+    `force_gates` set on the module is not exported). `dynamic=False` keeps the captured batch
+    (single layout only: the segmented contract selects samples along a named batch axis).
     """
     if layout not in LAYOUTS:
         raise GraphoptError(f"ONNX layout '{layout}' unknown; choose one of {LAYOUTS}")
@@ -90,10 +92,12 @@ def export_onnx(graph, out_dir: str | os.PathLike, *, layout: str = "single", dy
             "trace every segment, which meta tensors cannot do. Export a graph with weights (graphopt.load "
             "the compressed folder, or stream the weights in first)")
     _import_onnx_exporter()
+    protect = [graph.source, *protect]
+    check_output_dir(out_dir, protect=protect, overwrite=overwrite)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     source = _exportable(graph, dynamic)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, protect=protect, overwrite=overwrite, what="graphopt export_onnx") as tmp:
         if layout == "single":
             _export_single(source, tmp / SINGLE_FILE, dynamic, opset)
             result = SINGLE_FILE

@@ -22,10 +22,11 @@ Output layout, by what the target can express:
   it. Tensors the recipe itself creates (router, head-index buffers) are not written: replaying
   the recipe makes them, identically; the index lists them under metadata `made_by_recipe`.
 
-Resumable: the output is assembled in `.OUT.partial/` next to OUT. Each shard is written under a
-temporary name, fsynced, renamed, then recorded in `journal.json`; a rerun with the same recipe
-and checkpoint keeps the shards the journal lists, a different recipe or checkpoint starts over.
-The folder becomes OUT only when complete.
+Resumable: the output is assembled in `.OUT.partial/` next to OUT (marked as graphopt's). Each
+shard is written under a temporary name, fsynced, renamed, then recorded in `journal.json`; a
+rerun with the same recipe and checkpoint keeps the shards the journal lists, a different recipe
+or checkpoint starts over. The folder becomes OUT only when complete, swapped in as
+graphopt.io.replace_dir does (OUT is checked before anything is read: see check_output_dir).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text
+from graphopt.io import atomic_write_text, check_output_dir, mark_dir, read_marker, replace_dir
 
 DIFFUSERS_PREFIX = "diffusion_pytorch_model"
 GRAPHOPT_PREFIX = "model"
@@ -351,14 +352,19 @@ def _fingerprint(recipe, layout: str, stored: dict[str, Stored], shards: dict) -
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def apply_recipe(recipe, weights, out, *, console=None) -> Path:
+def apply_recipe(recipe, weights, out, *, overwrite: bool = False, console=None) -> Path:
     """Write the compressed checkpoint of `weights` (a diffusers model folder) that `recipe`
-    describes to folder `out` (replaced whole when complete); see the module docstring."""
+    describes to folder `out` (replaced whole when complete); see the module docstring. `out` is
+    checked first (graphopt.io.check_output_dir: never the recipe or the weights, nor a folder
+    holding files graphopt did not write unless `overwrite`)."""
     from tqdm.auto import tqdm
 
+    protect = [recipe, weights]
+    target = check_output_dir(out, protect=protect, overwrite=overwrite)
+    work = target.parent / f".{target.name}.partial"
+    _journal(work)                  # a work folder graphopt did not make fails now, not after planning
     p = plan(recipe, weights)
     out = Path(out)
-    work = out.parent / f".{out.name}.partial"
     done = _resume(work, p.fingerprint, console)
     total = sum(e.source.nbytes for es in p.shards.values() for e in es if e.source is not None)
     handles: dict[Path, object] = {}
@@ -376,7 +382,7 @@ def apply_recipe(recipe, weights, out, *, console=None) -> Path:
         finally:
             for f in handles.values():
                 f.close()
-    _finish(work, out, p)
+    _finish(work, out, p, protect=protect, overwrite=overwrite)
     if console is not None:
         where = ("diffusers layout: from_pretrained loads it" if p.layout == "diffusers" else
                  f"graphopt layout ({p.why}): graphopt.load loads it")
@@ -386,12 +392,8 @@ def apply_recipe(recipe, weights, out, *, console=None) -> Path:
 
 def _resume(work: Path, fingerprint: str, console) -> dict[str, int]:
     """Shards a previous run of the same plan finished (name → bytes); a fresh folder else."""
-    journal = work / JOURNAL
-    if work.exists():
-        try:
-            state = json.loads(journal.read_text())
-        except (OSError, json.JSONDecodeError):
-            state = {}
+    if os.path.lexists(work):
+        state = _journal(work)
         if state.get("fingerprint") == fingerprint:
             for tmp in work.glob(".*.tmp"):
                 tmp.unlink()
@@ -399,12 +401,30 @@ def _resume(work: Path, fingerprint: str, console) -> dict[str, int]:
                     if (work / n).exists() and (work / n).stat().st_size == b}
             if done and console is not None:
                 console.print(f"resuming: {len(done)} shard(s) already written")
+            mark_dir(work, "graphopt apply")     # now this process's
             return done
         if console is not None:
             console.print(f"starting over: '{work}' holds a run of another recipe or checkpoint")
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    mark_dir(work, "graphopt apply")
     return {}
+
+
+def _journal(work: Path) -> dict:
+    """The journal of work folder `work` ({} if none); refused if graphopt did not make `work`."""
+    if not os.path.lexists(work):
+        return {}
+    try:
+        state = json.loads((work / JOURNAL).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        state = {}
+    state = state if isinstance(state, dict) else {}
+    ours = read_marker(work) is not None or "fingerprint" in state   # journal: made before markers
+    if work.is_symlink() or not work.is_dir() or not ours:
+        raise GraphoptError(f"'{work}' is in the way: graphopt apply assembles its output there, "
+                            f"and did not make this one; move it away")
+    return state
 
 
 def _write_shard(path: Path, entries: list[Entry], handles: dict, bar) -> int:
@@ -442,7 +462,7 @@ def _write_shard(path: Path, entries: list[Entry], handles: dict, bar) -> int:
     return path.stat().st_size
 
 
-def _finish(work: Path, out: Path, p: Plan):
+def _finish(work: Path, out: Path, p: Plan, *, protect, overwrite: bool):
     weight_map = {e.name: name for name, entries in p.shards.items() for e in entries}
     metadata = {"total_size": sum(e.nbytes for es in p.shards.values() for e in es)}
     if p.layout == "graphopt":
@@ -452,6 +472,4 @@ def _finish(work: Path, out: Path, p: Plan):
     atomic_write_text(work / "config.json", json.dumps(p.config, indent=2))
     p.recipe.save(work / "recipe.json")
     (work / JOURNAL).unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+    replace_dir(work, out, protect=protect, overwrite=overwrite)

@@ -25,6 +25,19 @@ def _add_model_args(p):
                    help="allow loading files that unpickle Python objects (can run code)")
 
 
+def _add_overwrite_arg(p):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder even if it holds files graphopt did not write "
+                        "(never an input, a folder holding one, the current folder or home)")
+
+
+def _check_output(args, *inputs):
+    """Fail on a bad -o in a second, before anything loads (graphopt.io.check_output_dir)."""
+    from graphopt.io import check_output_dir
+
+    check_output_dir(args.output, protect=inputs, overwrite=args.overwrite)
+
+
 def _capture_from_args(args):
     import dataclasses
 
@@ -66,6 +79,7 @@ def cmd_compress(args) -> int:
 
     from graphopt.compress import compress
 
+    _check_output(args, args.model)
     graph = _capture_from_args(args)
     options = {}
     for spec in args.option or []:
@@ -80,7 +94,8 @@ def cmd_compress(args) -> int:
         if getattr(args, attr) is not None:
             options.setdefault(name, {})[key] = getattr(args, attr)
     passes = [p for p in args.passes.split(",") if p]
-    compress(graph, passes, options, out=args.output, verify=args.verify, console=Console())
+    compress(graph, passes, options, out=args.output, verify=args.verify, console=Console(),
+             overwrite=args.overwrite, protect=[args.model])
     return 0
 
 
@@ -89,7 +104,8 @@ def cmd_apply(args) -> int:
 
     from graphopt.apply import apply_recipe
 
-    apply_recipe(args.recipe, args.weights, args.output, console=Console(stderr=True))
+    apply_recipe(args.recipe, args.weights, args.output, overwrite=args.overwrite,
+                 console=Console(stderr=True))
     return 0
 
 
@@ -100,7 +116,8 @@ def cmd_distill(args) -> int:
 
     distill_folder(args.compressed, args.config, args.output, teacher=args.teacher,
                    teacher_dtype=args.teacher_dtype, checkpoints=args.checkpoints,
-                   trust_pickle=args.trust_pickle, console=Console(stderr=True))
+                   trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+                   console=Console(stderr=True))
     return 0
 
 
@@ -139,50 +156,66 @@ def _graph_for_export(args):
 
 def cmd_export(args) -> int:
     from graphopt.exporters.onnx import export_onnx
+    from graphopt.io import atomic_dir
 
+    _check_output(args, args.model)
     graph = _graph_for_export(args)
+    out, protect = Path(args.output), [args.model]
     if args.format in ("onnx", "onnx-segmented"):
         layout = "single" if args.format == "onnx" else "segmented"
-        path = export_onnx(graph, args.output, layout=layout, opset=args.opset)
+        path = export_onnx(graph, out, layout=layout, opset=args.opset, overwrite=args.overwrite,
+                           protect=protect)
         print(f"wrote {path}")
         return 0
     if args.format == "aoti":
         from graphopt.exporters.aoti import export_aoti
 
-        print(f"wrote {export_aoti(graph, Path(args.output) / 'model.pt2')}")
+        with atomic_dir(out, protect=protect, overwrite=args.overwrite,
+                        what="graphopt export --format aoti") as tmp:
+            export_aoti(graph, tmp / "model.pt2")
+        print(f"wrote {out / 'model.pt2'}")
         return 0
-    # trt: the segmented layout (TensorRT's primary path), checked, then engines where TensorRT imports.
+    # trt: the segmented layout (TensorRT's primary path), checked, then engines where TensorRT
+    # imports; the folder appears with its engines (or, failing the check, the ONNX to look at).
     from graphopt.exporters import tensorrt
     from graphopt.exporters.trt_check import check_segmented
 
-    manifest = export_onnx(graph, args.output, layout="segmented", opset=args.opset)
-    reports = check_segmented(manifest)
-    for report in reports:
-        if report.findings:
-            print(report.render())
-    bad = [r.source for r in reports if not r.ok]
+    missing, builds = None, []
+    with atomic_dir(out, protect=protect, overwrite=args.overwrite,
+                    what="graphopt export --format trt") as tmp:
+        manifest = export_onnx(graph, tmp, layout="segmented", opset=args.opset, protect=protect)
+        reports = check_segmented(manifest)
+        for report in reports:
+            if report.findings:
+                print(report.render())
+        bad = [r.source for r in reports if not r.ok]
+        if not bad:
+            try:
+                tensorrt._import_tensorrt()
+            except GraphoptError as e:
+                missing = e
+            else:
+                builds = tensorrt.build_engines(manifest, tmp / "engines",
+                                                tensorrt.BuildOptions(precision=args.precision))
+    manifest = out / manifest.name
     if bad:
         raise GraphoptError(f"the ONNX in {args.output} breaks TensorRT's documented limits in {bad} (listed "
                             "above); no engines built")
     print(f"wrote {manifest}; TensorRT check passed on {len(reports)} segments")
-    try:
-        tensorrt._import_tensorrt()
-    except GraphoptError as e:
+    if missing is not None:
         # Exit 0: the ONNX is written and checked; engines are built where TensorRT runs.
-        print(f"{e}. Then build the engines with graphopt.exporters.tensorrt.build_engines('{manifest}', "
-              f"'{Path(args.output) / 'engines'}')")
+        print(f"{missing}. Then build the engines with graphopt.exporters.tensorrt.build_engines('{manifest}', "
+              f"'{out / 'engines'}')")
         return 0
-    builds = tensorrt.build_engines(manifest, Path(args.output) / "engines",
-                                    tensorrt.BuildOptions(precision=args.precision))
     for b in builds:
-        print(f"built {b.engine_path} ({b.precision}) in {b.seconds:.1f}s")
+        print(f"built {out / 'engines' / b.engine_path.name} ({b.precision}) in {b.seconds:.1f}s")
     return 0
 
 
 def cmd_demo(args) -> int:
     from graphopt.demo import run_demo
 
-    run_demo(args.output, quick=args.quick, threads=args.threads)
+    run_demo(args.output, quick=args.quick, threads=args.threads, overwrite=args.overwrite)
     return 0
 
 
@@ -208,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--passes", required=True, help="comma-separated, e.g. prune,route")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_overwrite_arg(p)
     p.add_argument("--prune-ratio", type=float)
     p.add_argument("--prune-criterion", choices=("magnitude", "sensitivity", "role-aware"))
     p.add_argument("--drop-fraction", type=float)
@@ -225,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers model folder: config.json + *.safetensors (+ index)")
     p.add_argument("-o", "--output", required=True,
                    help="output folder; rerun the same command to resume an interrupted run")
+    _add_overwrite_arg(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("distill", help="recover a compressed model's quality: progressive "
@@ -237,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the frozen teacher in this precision")
     p.add_argument("-o", "--output", required=True,
                    help="output folder (same layout as `graphopt compress` output)")
+    _add_overwrite_arg(p)
     p.add_argument("--checkpoints",
                    help="checkpoint folder (default: [run] output_dir, else OUTPUT.checkpoints); "
                         "rerun the same command to resume")
@@ -265,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write ONNX (single file or segmented) or TensorRT engines")
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_overwrite_arg(p)
     p.add_argument("--format", required=True, choices=("onnx", "onnx-segmented", "trt", "aoti"),
                    help="onnx: one file, routed blocks as If; onnx-segmented: prologue/blocks/epilogue "
                         "+ manifest.json; trt: the segmented ONNX, TensorRT-checked, then engines; "
@@ -277,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
                                     "compress, distill, export ONNX, bench, score; writes a report folder")
     p.add_argument("-o", "--output", default="graphopt-demo", help="report folder (default graphopt-demo)")
+    _add_overwrite_arg(p)
     p.add_argument("--quick", action="store_true", help="every stage with few steps and clips (CI)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_demo)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from graphopt.cost import model_cost
 from graphopt.describe import human
@@ -10,13 +9,19 @@ from graphopt.pass_manager import PassManager, get_pass
 
 
 def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, verify=False,
-             console=None):
-    """Run `passes` (names) with `options[name]` on `graph` in place; save to `out` if given."""
+             console=None, overwrite=False, protect=()):
+    """Run `passes` (names) with `options[name]` on `graph` in place; save to `out` if given
+    (checked before the passes run: see graphopt.save for `overwrite` and `protect`)."""
     unknown = set(options) - set(passes)
     if unknown:
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"options given for pass(es) {sorted(unknown)} that are not in "
                             f"--passes {','.join(passes)}")
+    protect = [graph.source, *protect]
+    if out is not None:
+        from graphopt.io import check_output_dir
+
+        check_output_dir(out, protect=protect, overwrite=overwrite)
     instances = [get_pass(name)(**options.get(name, {})) for name in passes]
     before = model_cost(graph)
 
@@ -45,8 +50,8 @@ def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, ve
 
         markdown = _report_markdown(graph, instances, results, before, after)
         out = save(graph, out, extra_files={"report.json": json.dumps(report, indent=2, default=str),
-                                            "report.md": markdown})
-        _write_plots(graph, Path(out))
+                                            "report.md": markdown, **_plots(graph)},
+                   overwrite=overwrite, protect=protect)
         if console is not None:
             console.print(f"wrote {out}/ (model.safetensors, recipe.json, report.json, report.md)")
     return report
@@ -73,9 +78,8 @@ def _report_markdown(graph, instances, results, before, after) -> str:
     return "\n".join(lines)
 
 
-def _write_plots(graph, out: Path):
-    """Analyses that know how to draw themselves (head roles, block importance) add a PNG."""
-    for name, result in graph.reports.items():
-        plot = getattr(result, "plot", None)
-        if callable(plot):
-            plot(out / f"{name}.png")
+def _plots(graph) -> dict:
+    """Analyses that know how to draw themselves (head roles, block importance) add a PNG:
+    file name -> the function that writes it (report.md links each)."""
+    return {f"{name}.png": result.plot for name, result in graph.reports.items()
+            if callable(getattr(result, "plot", None))}

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text
+from graphopt.io import atomic_dir, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -51,27 +50,36 @@ QUICK = DemoSettings(distill_steps=6, distill_clips=16, clips=2, sample_steps=4,
                      bench_backends=("torch",))
 
 
-def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None, console=None) -> dict:
-    """Run every stage on tiny-wan, write the report folder `out`, return the summary dict."""
+def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None, console=None,
+             overwrite: bool = False) -> dict:
+    """Run every stage on tiny-wan, write the report folder `out`, return the summary dict.
+
+    `out` is checked before the first stage (graphopt.io.check_output_dir: a folder holding files
+    graphopt did not write needs `overwrite`) and appears whole, every file its summary links
+    included, when the last stage is done."""
     from rich.console import Console
 
     console = console or Console()
     settings = QUICK if quick else FULL
     if threads is not None:
         torch.set_num_threads(threads)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GraphoptError(f"demo output '{out}' is a file: give a folder path")
-    out.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite, what="graphopt demo") as work:
+        console.print(f"[bold]graphopt demo[/] on tiny-wan ({'quick' if quick else 'full'}), "
+                      f"report in {out}/")
+        summary = _write_report(work, settings, quick, console, total)
+    console.print(f"[bold]done[/] in {summary['seconds']:.0f} s; read {out}/summary.md")
+    return summary
+
+
+def _write_report(out: Path, settings: DemoSettings, quick: bool, console, total: float) -> dict:
+    """Every stage, writing into `out` (the report folder, under its temporary name)."""
     stages: list[dict] = []
 
     def stage(name: str, detail: str, started: float, **numbers) -> None:
         seconds = time.perf_counter() - started
         stages.append({"stage": name, "seconds": round(seconds, 2), "detail": detail, **numbers})
         console.print(f"[green]✓[/] [bold]{name}[/] ({seconds:.1f} s): {detail}")
-
-    total = time.perf_counter()
-    console.print(f"[bold]graphopt demo[/] on tiny-wan ({'quick' if quick else 'full'}), report in {out}/")
 
     # 1. inspect: structure, cost, and the heads' roles on clips of the training data.
     from graphopt.describe import describe, human, render
@@ -182,7 +190,6 @@ def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None
                "seconds": round(time.perf_counter() - total, 1), "settings": settings.__dict__, "stages": stages}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     atomic_write_text(out / "summary.md", _summary_markdown(summary, scores))
-    console.print(f"[bold]done[/] in {summary['seconds']:.0f} s; read {out}/summary.md")
     return summary
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,18 +27,28 @@ def state_dict(graph) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save(graph, out, extra_files: dict[str, str] | None = None) -> Path:
-    """Write graph's recipe, weights and source config to folder `out` (replaced whole)."""
+def save(graph, out, extra_files: dict[str, str | Callable[[Path], None]] | None = None, *,
+         overwrite: bool = False, protect=()) -> Path:
+    """Write graph's recipe, weights and source config to folder `out` (replaced whole), with
+    `extra_files`: name -> text, or name -> a function that writes the file at the path it gets
+    (a plot), so the folder appears with every file its report links.
+
+    `out` is refused if it holds files graphopt did not write (unless `overwrite`), or is or
+    contains the graph's source or a path in `protect` (see graphopt.io.check_output_dir)."""
     if graph.is_meta:
         raise GraphoptError("this graph has no weights (meta device): save its recipe with "
                             "graph.recipe.save(path) and stream weights with `graphopt apply`")
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, protect=[graph.source, *protect], overwrite=overwrite,
+                    what="graphopt.save") as tmp:
         graph.recipe.save(tmp / RECIPE)
         save_safetensors(state_dict(graph), tmp / WEIGHTS, metadata={"format": "pt"})
         atomic_write_text(tmp / CONFIG, json.dumps(graph.recipe.model["config"], indent=2))
-        for name, text in (extra_files or {}).items():
-            atomic_write_text(tmp / name, text)
+        for name, content in (extra_files or {}).items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                atomic_write_text(tmp / name, content)
     return out
 
 

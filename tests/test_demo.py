@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graphopt.cli import main
+from graphopt.io import MARKER
 from graphopt.tiny.testbed import calibration_inputs, capture_teacher
 
 STAGES = ["inspect", "compress", "distill", "export", "bench", "quality"]
@@ -21,7 +22,8 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "-o", str(out), "--threads", "1"]) == 0
     assert REPORT_FILES <= {p.name for p in out.iterdir()}
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MARKER]  # no temp leftovers
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == STAGES
     stages = {s["stage"]: s for s in summary["stages"]}

@@ -36,7 +36,7 @@ def test_atomic_dir_is_an_ordinary_folder(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "a.txt").write_text("a")
     assert (tmp_path / "out" / "a.txt").read_text() == "a"
-    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~_umask()
 
 
 def test_recent_records_keep_the_last_calls_and_count_them_all():

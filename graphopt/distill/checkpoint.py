@@ -3,13 +3,14 @@ unpickled), and finding the newest complete `step-*` folder of a run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 
-from graphopt.io import atomic_path
+from graphopt.io import atomic_path, check_work_dir
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -57,3 +58,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder under output_dir, or None."""
     found = checkpoint_dirs(Path(output_dir))
     return found[-1] if found else None
+
+# What a checkpoint folder holds; a folder with only these (written before graphopt marked its
+# folders) is adopted, one with anything else is refused: graphopt deletes old checkpoints there.
+CHECKPOINT_ENTRY = re.compile(r"step-\d{8}|\.step-\d{8}\.tmp|log\.jsonl")
+CHECKPOINT_FIX = "choose a new or empty checkpoint folder ([run] output_dir, or --checkpoints)"
+
+
+def check_checkpoint_dir(output_dir: str | Path) -> Path:
+    """Refuse a checkpoint folder that holds files graphopt did not write (before the run starts)."""
+    return check_work_dir(output_dir, adopt=CHECKPOINT_ENTRY.fullmatch, fix=CHECKPOINT_FIX)

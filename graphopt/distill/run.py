@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from graphopt.distill.config import DistillConfig, config_from_dict, read_config
+from graphopt.distill.checkpoint import check_checkpoint_dir
 from graphopt.distill.data import DistillData
 from graphopt.distill.trainer import output_error, train
 from graphopt.errors import GraphoptError
+from graphopt.io import check_output_dir
 
 EVAL_BATCHES = 4        # held-out batches (own seed) for the before/after output error
 
@@ -149,16 +151,26 @@ def eval_batches(config: DistillConfig, graph, n: int = EVAL_BATCHES) -> list[di
 
 
 def distill(student, teacher=None, config: DistillConfig | dict | str | os.PathLike | None = None,
-            *, out=None, teacher_dtype: str | None = None, stop_at_step: int | None = None):
+            *, out=None, teacher_dtype: str | None = None, stop_at_step: int | None = None,
+            overwrite: bool = False, protect=()):
     """Distill `student` (a compressed DiTGraph, trained in place) from `teacher` (the original
     DiTGraph; default: captured from the student's recipe source, in `teacher_dtype`).
 
     Returns the student graph, with `graph.reports["distill"]` a DistillReport. With `out`, the
-    graph is saved there (process 0 only under torchrun) with distill.json and distill.png.
+    graph is saved there (process 0 only under torchrun) with distill.json and distill.png; `out`
+    and the checkpoint folder are checked before training (graphopt.io.check_output_dir: never
+    an input, checkpoints and data included, nor, unless `overwrite`, a folder holding files
+    graphopt did not write).
     """
     from graphopt.passes.student import GraphPair, teacher_graph
 
+    config_path = config if isinstance(config, (str, os.PathLike)) else None
     config = distill_config(student, config)
+    check_checkpoint_dir(config.run.output_dir)
+    if out is not None:
+        protect = [*_inputs(config, config_path), student.source,
+                   getattr(teacher, "source", None), *protect]
+        check_output_dir(out, protect=protect, overwrite=overwrite)
     if teacher is None:
         teacher = teacher_graph(student, dtype=teacher_dtype)
     pair = GraphPair(student, teacher, timestep_scale=config.data.num_train_timesteps)
@@ -176,42 +188,54 @@ def distill(student, teacher=None, config: DistillConfig | dict | str | os.PathL
                            mapping=[list(m) for m in pair.mapping], log=log)
     graph.reports["distill"] = report
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
-        save_distilled(graph, out, config)
+        save_distilled(graph, out, config, overwrite=overwrite, protect=protect)
     return graph
 
 
-def save_distilled(graph, out, config: DistillConfig, extra_files: dict | None = None) -> Path:
+def save_distilled(graph, out, config: DistillConfig, extra_files: dict | None = None, *,
+                   overwrite: bool = False, protect=()) -> Path:
     """`graphopt.save` the distilled graph, with distill.json (config + report) and distill.png."""
     from graphopt.serialize import save
 
     report = graph.reports["distill"]
     text = json.dumps({"config": config.to_dict(), "report": report.to_json()}, indent=2,
                       default=str)
-    out = save(graph, out, extra_files={**(extra_files or {}), "distill.json": text})
-    report.plot(Path(out) / "distill.png")
-    return out
+    return save(graph, out, extra_files={**(extra_files or {}), "distill.json": text,
+                                         "distill.png": report.plot},
+                overwrite=overwrite, protect=[*_inputs(config, None), *protect])
+
+
+def _inputs(config: DistillConfig | dict, config_path) -> list:
+    """What a distillation run reads or keeps, which its output folder must never replace: the
+    config file, the checkpoint folder and the data folder."""
+    if isinstance(config, DistillConfig):
+        return [config_path, config.run.output_dir, config.data.folder]
+    run, data = config.get("run"), config.get("data")
+    return [config_path, run.get("output_dir") if isinstance(run, dict) else None,
+            data.get("folder") if isinstance(data, dict) else None]
 
 
 def distill_folder(compressed, config, out, *, teacher: str | None = None,
                    teacher_dtype: str | None = None, checkpoints=None, trust_pickle: bool = False,
-                   console=None) -> Path:
+                   overwrite: bool = False, console=None) -> Path:
     """`graphopt distill`: load a `graphopt compress` folder, distill it from its source model (or
     `teacher`), write checkpoints and the distilled folder `out` (plus the compress report)."""
     from graphopt.passes.student import teacher_graph
     from graphopt.serialize import load
 
     folder, out = Path(compressed), Path(out)
-    if folder.resolve() == out.resolve():
-        raise GraphoptError(f"-o {out} is the compressed folder itself; write the distilled model "
-                            f"to a new folder")
     values = read_config(config)
-    student = load(folder)
     run = values.setdefault("run", {})
     if not isinstance(run, dict):
         raise GraphoptError(f"[run] must be a table, got {run!r}")
     if checkpoints is not None:
         run["output_dir"] = str(checkpoints)
     run.setdefault("output_dir", str(out) + ".checkpoints")
+    # Before anything loads: a bad -o or checkpoint folder fails in a second, not after training.
+    protect = [folder, teacher, *_inputs(values, config)]
+    check_output_dir(out, protect=protect, overwrite=overwrite)
+    check_checkpoint_dir(run["output_dir"])
+    student = load(folder)
     config = distill_config(student, values)
     teacher = teacher_graph(student, teacher, dtype=teacher_dtype, trust_pickle=trust_pickle)
     if console is not None:
@@ -221,7 +245,7 @@ def distill_folder(compressed, config, out, *, teacher: str | None = None,
     extra = {name: (folder / name).read_text() for name in ("report.json", "report.md")
              if (folder / name).is_file()}      # what compress reported stays with the model
     if int(os.environ.get("RANK", "0")) == 0:
-        save_distilled(graph, out, config, extra)
+        save_distilled(graph, out, config, extra, overwrite=overwrite, protect=protect)
         report = graph.reports["distill"]
         if console is not None:
             routed = "" if report.exec_fraction_after is None else \

@@ -13,8 +13,9 @@ the target is the teacher's prediction at x_t.
 
 Runs as one process or under `torchrun` (DDP on gloo/nccl, or FSDP2 `fully_shard` for students
 too large for one GPU). Checkpoints are folders of safetensors files plus JSON, written to a
-temporary folder and renamed into place; resuming restores weights, optimizer states and every
-RNG, so an interrupted run logs the same losses as an uninterrupted one.
+temporary folder and renamed into place, in a checkpoint folder graphopt marks as its own (one
+holding other files is refused: old checkpoints are deleted there); resuming restores weights,
+optimizer states and every RNG, so an interrupted run logs the same losses as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm.auto import tqdm
 
 from graphopt.distill.checkpoint import (
+    CHECKPOINT_ENTRY,
+    CHECKPOINT_FIX,
+    check_checkpoint_dir,
     checkpoint_dirs,
     latest_checkpoint,
     optimizer_from_files,
@@ -52,7 +56,7 @@ from graphopt.distill.config import DistillConfig, OptimizerConfig
 from graphopt.distill.data import DistillData
 from graphopt.distill.losses import ICDLoss, MCADiscriminator, MCALoss, OutputLoss, RouterBudgetLoss
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text
+from graphopt.io import atomic_write_text, claim_dir
 
 
 @dataclass
@@ -522,8 +526,11 @@ class _Trainer:
         config = self.config
         total = config.total_steps
         end = total if stop_at_step is None else min(stop_at_step, total)
+        check_checkpoint_dir(self.output_dir)     # every process: none waits at the barrier alone
+        self.procs.barrier()
         if self.procs.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            claim_dir(self.output_dir, what="graphopt distill (checkpoints)",
+                      adopt=CHECKPOINT_ENTRY.fullmatch, fix=CHECKPOINT_FIX)
         self.procs.barrier()
         previous = latest_checkpoint(self.output_dir)
         if previous is not None and not config.run.resume:
