@@ -289,7 +289,8 @@ def plan(recipe, weights) -> Plan:
     rename, new_config, why = _diffusers_target(graph.family, source_config, original, persistent,
                                                 final, made_by_recipe, slices)
     layout = "diffusers" if rename is not None else "graphopt"
-    values = _computed_values(recipe.model, computed) if layout == "graphopt" and computed else {}
+    values = (_computed_values(recipe.model, computed, stored)
+              if layout == "graphopt" and computed else {})
 
     entries_by_file: dict[Path, list[Entry]] = {}
     for name in kept:
@@ -396,17 +397,21 @@ def _diffusers_target(family, source_config, original, persistent, final, made_b
     return rename, config, ""
 
 
-def _computed_values(model_record: dict, names: list[str]) -> dict[str, torch.Tensor]:
+def _computed_values(model_record: dict, names: list[str], stored: dict[str, Stored]
+                     ) -> dict[str, torch.Tensor]:
     """Tensors of the graph a checkpoint does not hold (non-persistent buffers such as rotary
     tables): the constructor computes them, so build the model with its parameters on the meta
-    device and its buffers real."""
+    device and its buffers real, in the dtypes `graphopt.load` gives a model of these weights."""
     import diffusers
     from accelerate import init_empty_weights
+
+    from graphopt.serialize import cast_like_checkpoint
 
     config = model_record["config"]
     cls = getattr(diffusers, model_record.get("class_name") or config["_class_name"])
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
+    cast_like_checkpoint(model, {k: s.dtype for k, s in stored.items()})
     found = dict(model.named_buffers())
     out = {}
     for name in names:

@@ -220,3 +220,14 @@ def test_an_unforged_rewrite_applies(source, tmp_path):
     tmp = source[0]
     weights, _, _ = _forged_copy(tmp, tmp_path, lambda header, data: (header, data, None, None))
     assert _apply(tmp, weights, tmp_path / "out") == 0
+
+
+def test_load_of_a_truncated_weights_file_exits_2(source, tmp_path, capsys):
+    """graphopt.load (here behind `graphopt export`) refuses a damaged weights file in one line."""
+    from graphopt import save
+
+    folder = save(source[2], tmp_path / "compressed")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert main(["export", str(folder), "--format", "onnx", "-o", str(tmp_path / "out")]) == 2
+    _refused(capsys, tmp_path, "model.safetensors", "not a valid safetensors file")
