@@ -97,8 +97,8 @@ def read_header(path: Path) -> dict[str, Stored]:
         raise GraphoptError(f"cannot read '{path}' ({e.strerror})") from None
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise bad(f"its header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:     # JSONDecodeError and UnicodeDecodeError too
+        raise bad(f"its header does not parse as JSON with unique names ({e})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     header.pop("__metadata__", None)
@@ -124,10 +124,12 @@ def read_header(path: Path) -> dict[str, Stored]:
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    twice = next((k for k in keys if keys.count(k) > 1), None)
-    if twice is not None:
-        raise ValueError(f"'{twice}' appears twice")
+    # json.loads would keep the last of two same-named tensors and say nothing.
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"'{key}' appears twice")
+        seen.add(key)
     return dict(pairs)
 
 

@@ -135,7 +135,8 @@ def test_forged_header_exits_2_naming_file_and_tensor(source, tmp_path, capsys, 
     _refused(capsys, tmp_path, SHARD, f"'{name}'", what)
 
 
-@pytest.mark.parametrize("case", ["length_past_eof", "not_json", "duplicate_name", "too_short"])
+@pytest.mark.parametrize("case", ["length_past_eof", "not_json", "deeply_nested", "duplicate_name",
+                                  "too_short"])
 def test_unreadable_header_exits_2(source, tmp_path, capsys, case):
     tmp = source[0]
     weights = tmp_path / "forged"
@@ -148,7 +149,10 @@ def test_unreadable_header_exits_2(source, tmp_path, capsys, case):
         words = ("header length field says 1099511627776 bytes",)
     elif case == "not_json":
         _write(weights / SHARD, header, data, raw_header=b'{"' + first.encode() + b'": {')
-        words = ("header is not JSON",)
+        words = ("header does not parse as JSON",)
+    elif case == "deeply_nested":
+        _write(weights / SHARD, header, data, raw_header=b"[" * 100_000)
+        words = ("header does not parse as JSON",)
     elif case == "duplicate_name":
         text = json.dumps(header).encode()
         duplicate = json.dumps({first: header[first]}).encode()[1:-1]
