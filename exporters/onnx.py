@@ -152,7 +152,10 @@ def _recapture_dynamic(graph):
             "family (e.g. a .pt2 archive). Capture it with graphopt.capture(..., dynamic_batch=True) at a "
             "batch of 2, or export with dynamic=False")
     spec = graph.spec or families.spec_from_recipe(graph.recipe.model)
-    spec = dataclasses.replace(spec, batch=_EXPORT_BATCH)
+    # float32 whatever the graph's dtype (rebuilt from its config, the model is): ONNX's Conv has no
+    # bfloat16 before opset 22, onnxruntime's CPU kernels none at all. Upcasting is exact; TensorRT
+    # picks its precision when it builds.
+    spec = dataclasses.replace(spec, batch=_EXPORT_BATCH, dtype=torch.float32)
     device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))
     model = families.build_from_recipe(graph.recipe.model, device="meta").to_empty(device=device)
     new = capture(model, spec=spec, dynamic_batch=True)
@@ -164,11 +167,11 @@ def _recapture_dynamic(graph):
             "replaying the recipe on a dynamic-batch capture gave other weights than the graph holds "
             f"(e.g. {sorted(set(weights) ^ set(expected))[:3]}); export with dynamic=False")
     for name, value in weights.items():
-        new.set_param(name, value.detach())
+        new.set_param(name, value.detach().float() if value.is_floating_point() else value.detach())
     if hasattr(graph.gm, "router"):
         import copy
 
-        new.gm.router = copy.deepcopy(graph.gm.router)    # budget, mode and weights as trained
+        new.gm.router = copy.deepcopy(graph.gm.router).float()    # budget, mode and weights as trained
     new.example_inputs = graph.family.example_inputs(graph.recipe.model["config"], spec)
     new.refresh()
     return new

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,25 +71,92 @@ class Stored:
     shape: tuple[int, ...]
 
 
+# safetensors' own limit on the JSON header; a larger length field is corrupt or forged.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 def read_header(path: Path) -> dict[str, Stored]:
-    """The tensors of a safetensors file, from its header alone."""
+    """The tensors of a safetensors file, from its header alone, checked against the file: every
+    later read is a positioned read of exactly the bytes the header names, so a header that lies
+    (offsets past the end, overlapping or leaving gaps, lengths that are not shape × dtype size)
+    would otherwise copy another tensor's bytes, or uninitialised memory, into the output."""
+    def bad(what: str) -> GraphoptError:
+        return GraphoptError(f"'{path}' is not a valid safetensors file: {what}; re-download or "
+                             f"re-save it")
+
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
+            if size < 8:
+                raise bad(f"it is {size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GraphoptError(f"'{path}' is not a readable safetensors file ({e}); is the "
-                            f"download complete?") from None
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise bad(f"its header length field says {n} bytes, the file holds {size - 8} "
+                          f"after it (safetensors allows at most {MAX_HEADER_BYTES})")
+            raw = f.read(n)
+    except OSError as e:
+        raise GraphoptError(f"cannot read '{path}' ({e.strerror})") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:     # JSONDecodeError and UnicodeDecodeError too
+        raise bad(f"its header does not parse as JSON with unique names ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
-        if info["dtype"] not in DTYPES:
-            raise GraphoptError(f"tensor '{name}' in '{path}' has dtype {info['dtype']}, which "
-                                f"graphopt apply does not handle ({', '.join(DTYPES)})")
-        begin, end = info["data_offsets"]
-        out[name] = Stored(path, 8 + n + begin, end - begin, DTYPES[info["dtype"]],
-                           tuple(info["shape"]))
+        out[name] = _stored(path, 8 + n, name, info, bad)
+    # The data section is the tensors back to back, each exactly once: no gap, no overlap, no tail.
+    data, end, before = size - 8 - n, 0, None
+    for name, s in sorted(out.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+        begin = s.offset - 8 - n
+        if begin != end:
+            what = "they overlap" if begin < end else f"a gap of {begin - end} bytes"
+            prev = f"tensor '{before}' before it ends" if before else "the data section starts"
+            raise bad(f"tensor '{name}' starts at data byte {begin}, {prev} at {end}: {what}")
+        end, before = begin + s.nbytes, name
+        if end > data:
+            raise bad(f"tensor '{name}' ends at data byte {end}, past the end of the file "
+                      f"({data} data bytes): truncated, or a forged header")
+    if end != data:
+        raise bad(f"its tensors end at data byte {end}, the file holds {data}: {data - end} "
+                  f"trailing bytes are no tensor's")
     return out
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    # json.loads would keep the last of two same-named tensors and say nothing.
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"'{key}' appears twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _stored(path: Path, data_start: int, name: str, info, bad) -> Stored:
+    """One header entry, its fields checked one by one."""
+    if not isinstance(info, dict):
+        raise bad(f"tensor '{name}' has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise bad(f"tensor '{name}' has dtype {dtype!r}, which graphopt apply does not know "
+                  f"({', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise bad(f"tensor '{name}' has shape {shape!r}, not a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))
+            and offsets[0] <= offsets[1]):
+        raise bad(f"tensor '{name}' has data_offsets {offsets!r}, not [begin, end] with "
+                  f"0 <= begin <= end")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise bad(f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its shape {shape} of "
+                  f"{dtype} needs {expected}")
+    return Stored(path, data_start + offsets[0], expected, DTYPES[dtype], tuple(shape))
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, Stored]:
@@ -108,11 +176,19 @@ def checkpoint_tensors(folder: Path) -> dict[str, Stored]:
         raise GraphoptError(f"'{folder}' must hold one safetensors index (*{INDEX_SUFFIX}) with "
                             f"its shards, or one *.safetensors file; found {len(indexes)} "
                             f"indexes and {len(singles)} .safetensors files")
-    out = {}
+    out: dict[str, Stored] = {}
     for name in files:
         if not (folder / name).exists():
             raise GraphoptError(f"shard '{name}' listed in the index is missing from '{folder}'")
-        out.update(read_header(folder / name))
+        for tensor, s in read_header(folder / name).items():
+            if tensor in out:
+                raise GraphoptError(f"tensor '{tensor}' is in both '{out[tensor].file.name}' and "
+                                    f"'{name}' of '{folder}': re-download the checkpoint")
+            if weight_map is not None and weight_map.get(tensor, name) != name:
+                raise GraphoptError(f"the index of '{folder}' puts tensor '{tensor}' in "
+                                    f"'{weight_map[tensor]}', it is in '{name}': re-download "
+                                    f"the checkpoint")
+            out[tensor] = s
     if weight_map is not None and set(weight_map) != set(out):
         odd = sorted(set(weight_map) ^ set(out))[:3]
         raise GraphoptError(f"the index of '{folder}' and its shards disagree (e.g. {odd}): "
@@ -163,6 +239,7 @@ class Plan:
     recipe: object
     made_by_recipe: list[str]
     fingerprint: str
+    extra: list[str]                # checkpoint tensors with no place in the architecture
 
     @property
     def prefix(self) -> str:
@@ -190,7 +267,9 @@ def plan(recipe, weights) -> Plan:
     persistent = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     graph = capture(model, spec=spec)
     original = {k: (tuple(v.shape), v.dtype) for k, v in _tensors(graph).items()}
-    _check_checkpoint(stored, persistent, weights)
+    extra = _check_checkpoint(stored, persistent, weights)
+    fingerprinted = stored
+    stored = {k: v for k, v in stored.items() if k in persistent}
 
     slices: dict[str, dict[int, torch.Tensor]] = {}
     for step in recipe.steps:
@@ -213,7 +292,8 @@ def plan(recipe, weights) -> Plan:
     rename, new_config, why = _diffusers_target(graph.family, source_config, original, persistent,
                                                 final, made_by_recipe, slices)
     layout = "diffusers" if rename is not None else "graphopt"
-    values = _computed_values(recipe.model, computed) if layout == "graphopt" and computed else {}
+    values = (_computed_values(recipe.model, computed, stored)
+              if layout == "graphopt" and computed else {})
 
     entries_by_file: dict[Path, list[Entry]] = {}
     for name in kept:
@@ -231,9 +311,9 @@ def plan(recipe, weights) -> Plan:
     prefix = DIFFUSERS_PREFIX if layout == "diffusers" else GRAPHOPT_PREFIX
     shards = {f"{prefix}-{i + 1:05d}-of-{len(entries):05d}.safetensors": e
               for i, e in enumerate(entries)}
-    fingerprint = _fingerprint(recipe, layout, stored, shards)
+    fingerprint = _fingerprint(recipe, layout, fingerprinted, shards)
     config = new_config if layout == "diffusers" else recipe.model["config"]
-    return Plan(layout, why, shards, config, recipe, made_by_recipe, fingerprint)
+    return Plan(layout, why, shards, config, recipe, made_by_recipe, fingerprint, extra)
 
 
 def _tensors(graph) -> dict[str, torch.Tensor]:
@@ -262,17 +342,20 @@ def _check_same_architecture(model_record: dict, source: dict, weights: Path):
                             f"recipe to the checkpoint it was made for")
 
 
-def _check_checkpoint(stored: dict[str, Stored], persistent: dict, weights: Path):
+def _check_checkpoint(stored: dict[str, Stored], persistent: dict, weights: Path) -> list[str]:
+    """Refuse a checkpoint that lacks a tensor of the architecture; the names of its tensors the
+    architecture has no place for (they are left out of the output)."""
     missing = sorted(set(persistent) - set(stored))
-    unknown = sorted(set(stored) - set(persistent))
-    if missing or unknown:
-        raise GraphoptError(f"the checkpoint in '{weights}' does not match its architecture "
-                            f"(missing {missing[:3]}, unexpected {unknown[:3]}): is it complete, "
-                            f"and is config.json the one it was saved with?")
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise GraphoptError(f"the checkpoint in '{weights}' lacks tensor '{missing[0]}'{more}, "
+                            f"which its config.json's architecture has: is it complete, and is "
+                            f"config.json the one it was saved with?")
     for name, shape in persistent.items():
         if stored[name].shape != shape:
             raise GraphoptError(f"checkpoint tensor '{name}' has shape {stored[name].shape}, "
                                 f"config.json gives {shape}: files from different models?")
+    return sorted(set(stored) - set(persistent))
 
 
 _INDEXED = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
@@ -317,17 +400,21 @@ def _diffusers_target(family, source_config, original, persistent, final, made_b
     return rename, config, ""
 
 
-def _computed_values(model_record: dict, names: list[str]) -> dict[str, torch.Tensor]:
+def _computed_values(model_record: dict, names: list[str], stored: dict[str, Stored]
+                     ) -> dict[str, torch.Tensor]:
     """Tensors of the graph a checkpoint does not hold (non-persistent buffers such as rotary
     tables): the constructor computes them, so build the model with its parameters on the meta
-    device and its buffers real."""
+    device and its buffers real, in the dtypes `graphopt.load` gives a model of these weights."""
     import diffusers
     from accelerate import init_empty_weights
+
+    from graphopt.serialize import cast_like_checkpoint
 
     config = model_record["config"]
     cls = getattr(diffusers, model_record.get("class_name") or config["_class_name"])
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
+    cast_like_checkpoint(model, {k: s.dtype for k, s in stored.items()})
     found = dict(model.named_buffers())
     out = {}
     for name in names:
@@ -364,6 +451,14 @@ def apply_recipe(recipe, weights, out, *, overwrite: bool = False, console=None)
     work = target.parent / f".{target.name}.partial"
     _journal(work)                  # a work folder graphopt did not make fails now, not after planning
     p = plan(recipe, weights)
+    if p.extra:
+        more = f" and {len(p.extra) - 1} more" if len(p.extra) > 1 else ""
+        warning = (f"the checkpoint in '{weights}' holds tensor '{p.extra[0]}'{more}, which its "
+                   f"config.json's architecture has no place for: left out of the output")
+        if console is not None:
+            console.print(f"warning: {warning}", soft_wrap=True)
+        else:
+            warnings.warn(warning, stacklevel=2)
     out = Path(out)
     done = _resume(work, p.fingerprint, console)
     total = sum(e.source.nbytes for es in p.shards.values() for e in es if e.source is not None)

@@ -68,10 +68,11 @@ def check_options(backends, steps: int, repeats: int, warmup: int) -> None:
 
 def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool = False):
     """(original graph, compressed graph) for `folder`; the original's `source` says where it
-    came from."""
+    came from. The original takes the compressed model's dtypes (a bf16 checkpoint is benched in
+    bf16 on both sides), so the speedup is the compression's, not a change of precision."""
     from graphopt import families
     from graphopt.capture import capture, load_model, shipped_names
-    from graphopt.serialize import load
+    from graphopt.serialize import cast_like_checkpoint, load, state_dict
 
     compressed = load(folder, device=device)
     record = compressed.recipe.model
@@ -87,6 +88,7 @@ def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool 
     else:
         model = families.build_from_recipe(record)
         origin = f"{record.get('class_name')} from the recipe's config (seeded random weights)"
+    cast_like_checkpoint(model, {k: v.dtype for k, v in state_dict(compressed).items()})
     base = capture(model.to(device), spec=spec, trust_pickle=trust_pickle)
     if base.recipe.model.get("config") != record.get("config"):
         raise GraphoptError(f"the original '{origin}' is not the model '{folder}' was compressed "

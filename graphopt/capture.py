@@ -159,7 +159,13 @@ def _from_module(model: torch.nn.Module, example_inputs, spec, dynamic_batch, la
     if example_inputs is None:
         spec = spec or family.default_spec
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        # The dtype most weights have: a model loaded with torch_dtype keeps a few modules in
+        # float32 (diffusers' _keep_in_fp32_modules), and the first parameter may be one of them.
+        sizes: dict[torch.dtype, int] = {}
+        for p in model.parameters():
+            if p.is_floating_point():
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        dtype = max(sizes, key=sizes.get, default=torch.float32)
         spec = spec.__class__(**{**spec.__dict__, "device": device, "dtype": dtype})
         example_inputs = family.example_inputs(config, spec)
     if family is not None:

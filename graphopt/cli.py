@@ -145,11 +145,12 @@ def cmd_bench(args) -> int:
 
 
 def _graph_for_export(args):
-    """A folder written by `graphopt compress` is loaded (recipe + weights); anything else captured."""
-    from graphopt.serialize import RECIPE, WEIGHTS, load
+    """A folder written by `graphopt compress` or `graphopt apply` is loaded (recipe + weights, one
+    file or sharded); anything else captured."""
+    from graphopt.serialize import RECIPE, WEIGHTS, WEIGHTS_INDEX, load
 
     folder = Path(args.model)
-    if (folder / RECIPE).is_file() and (folder / WEIGHTS).is_file():
+    if (folder / RECIPE).is_file() and any((folder / n).is_file() for n in (WEIGHTS, WEIGHTS_INDEX)):
         return load(folder)
     return _capture_from_args(args)
 
@@ -160,6 +161,11 @@ def cmd_export(args) -> int:
 
     _check_output(args, args.model)
     graph = _graph_for_export(args)
+    narrow = sorted({str(p.dtype).removeprefix("torch.") for p in graph.gm.parameters()
+                     if p.is_floating_point() and p.dtype.itemsize < 4})
+    if narrow and args.format != "aoti":
+        print(f"note: {'/'.join(narrow)} weights exported in float32 (exact; onnxruntime's CPU "
+              f"kernels have no bfloat16; TensorRT picks its precision at build time)")
     out, protect = Path(args.output), [args.model]
     if args.format in ("onnx", "onnx-segmented"):
         layout = "single" if args.format == "onnx" else "segmented"

@@ -67,14 +67,16 @@ def load(folder, *, device: str = "cpu"):
                             f"or `graphopt apply`")
     recipe = Recipe.load(folder / RECIPE)
     spec = families.spec_from_recipe(recipe.model, device)
+    weights, made_by_recipe = _read_weights(folder, device)
     # Uninitialised storage on the target device: every tensor is overwritten from the file, and
-    # a meta capture would bake the meta device into the graph.
-    model = families.build_from_recipe(recipe.model, device="meta").to_empty(device=device)
-    graph = capture(model, spec=spec)
+    # a meta capture would bake the meta device into the graph. The capture also bakes in dtypes:
+    # each tensor gets the one it is stored in (a bf16 checkpoint stays bf16) before it.
+    model = families.build_from_recipe(recipe.model, device="meta")
+    cast_like_checkpoint(model, {k: v.dtype for k, v in weights.items()})
+    graph = capture(model.to_empty(device=device), spec=spec)
     # Still the model the recipe was made from (`graphopt distill` finds its teacher there).
     graph.source = graph.recipe.model["source"] = recipe.model.get("source", graph.source)
     recipe.replay(graph)
-    weights, made_by_recipe = _read_weights(folder, device)
     expected = state_dict(graph)
     missing = set(expected) - set(weights) - made_by_recipe
     unexpected = set(weights) - set(expected)
@@ -86,21 +88,70 @@ def load(folder, *, device: str = "cpu"):
             raise GraphoptError(f"weight '{name}' has shape {tuple(value.shape)}, the recipe "
                                 f"gives {tuple(expected[name].shape)}: files from different runs?")
         graph.set_param(name, value)
-    graph.example_inputs = graph.family.example_inputs(recipe.model["config"], spec)
+    graph.example_inputs = graph.family.example_inputs(recipe.model["config"], graph.spec)
     graph.refresh()
     return graph
 
 
+def cast_like_checkpoint(model: torch.nn.Module, stored: dict[str, torch.dtype]) -> None:
+    """Give each floating parameter and buffer of `model` (best on the meta device, where this
+    costs nothing) the dtype `stored` names for it. One `stored` lacks (a dropped block's, a
+    buffer the constructor computes) gets the dtype diffusers' from_pretrained(torch_dtype=...)
+    would give it: float32 in the class's _keep_in_fp32_modules, else the dtype most of the
+    stored weights have."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    sizes: dict[torch.dtype, int] = {}
+    for name, t in tensors.items():
+        dtype = stored.get(name)
+        if dtype is not None and t.is_floating_point() != dtype.is_floating_point:
+            raise GraphoptError(f"weight '{name}' is stored as {dtype}, the architecture has a "
+                                f"{t.dtype} tensor there: files from different models?")
+        if dtype is not None and dtype.is_floating_point:
+            sizes[dtype] = sizes.get(dtype, 0) + t.numel()
+    main = max(sizes, key=sizes.get, default=None)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        parts = name.split(".")
+        dtype = stored.get(name) or (torch.float32 if any(k in parts for k in keep) else main)
+        if dtype is None or dtype == t.dtype:
+            continue
+        module = model.get_submodule(".".join(parts[:-1]))
+        if parts[-1] in module._parameters:
+            module._parameters[parts[-1]] = torch.nn.Parameter(t.to(dtype), t.requires_grad)
+        else:
+            module._buffers[parts[-1]] = t.to(dtype)
+
+
 def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The saved tensors, and the names the index says replaying the recipe creates."""
-    from safetensors.torch import load_file
-
     if (folder / WEIGHTS).exists():
-        return load_file(str(folder / WEIGHTS), device=device), set()
-    index = json.loads((folder / WEIGHTS_INDEX).read_text())
+        return _load_safetensors(folder / WEIGHTS, device), set()
+    try:
+        index = json.loads((folder / WEIGHTS_INDEX).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise GraphoptError(f"'{folder / WEIGHTS_INDEX}' is not a safetensors index ({e!r}): "
+                            f"write the folder again with `graphopt apply`") from None
     weights = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in shards:
         if not (folder / shard).exists():
             raise GraphoptError(f"shard '{shard}' listed in '{folder / WEIGHTS_INDEX}' is missing")
-        weights.update(load_file(str(folder / shard), device=device))
+        for name, value in _load_safetensors(folder / shard, device).items():
+            if name in weights:
+                raise GraphoptError(f"weight '{name}' is in two shards of '{folder}': write the "
+                                    f"folder again with `graphopt apply`")
+            weights[name] = value
     return weights, set(index.get("metadata", {}).get("made_by_recipe", []))
+
+
+def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise GraphoptError(f"'{path}' is not a valid safetensors file ({e}): is it complete?"
+                            ) from None

@@ -261,3 +261,98 @@ def test_interrupted_apply_resumes_from_its_journal(tiny, tmp_path, monkeypatch)
     x = random_inputs(graph)
     with torch.no_grad():
         assert rel_error(smaller(**x)[0], graph(**x)[0]) < 1e-6
+
+
+# ---- bf16 / fp16 checkpoints -----------------------------------------------------------------
+
+def _prune_and_drop(graph):
+    heads = _kept(graph, lambda n: [0, 2, 3])
+    PassManager([get_pass("prune")(heads=heads), get_pass("drop")(removed=[1])]).run(graph)
+    return graph
+
+
+def _dtypes(folder):
+    return {k: s.dtype for k, s in checkpoint_tensors(folder).items()}
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory):
+    """A bf16 tiny Wan checkpoint as diffusers writes one (from_pretrained(torch_dtype=bf16) keeps
+    its _keep_in_fp32_modules in float32), sharded; a prune + drop recipe made on it, applied with
+    the CLI; the compressed graph in memory, in bf16, and in float32 (diffusers upcasts the
+    checkpoint's values exactly)."""
+    tmp = tmp_path_factory.mktemp("apply_bf16")
+    build_model("wan", dict(build_model("wan").config, num_layers=3)).save_pretrained(tmp / "fp32")
+    model = diffusers.WanTransformer3DModel.from_pretrained(tmp / "fp32", torch_dtype=torch.bfloat16)
+    model.save_pretrained(tmp / "ckpt", max_shard_size="60KB")
+    graph = _prune_and_drop(capture(model.eval()))
+    graph.recipe.save(tmp / "recipe.json")
+    assert main(["apply", str(tmp / "recipe.json"), "--weights", str(tmp / "ckpt"), "-o",
+                 str(tmp / "out")]) == 0
+    upcast = _prune_and_drop(capture(diffusers.WanTransformer3DModel.from_pretrained(tmp / "ckpt")))
+    return tmp, graph, upcast
+
+
+def test_bf16_checkpoint_keeps_its_dtype_through_apply_load_and_bench(bf16):
+    from graphopt.bench import bench, load_pair
+    from graphopt.serialize import state_dict
+
+    tmp, graph, _ = bf16
+    assert len({s.file for s in checkpoint_tensors(tmp / "ckpt").values()}) > 4
+    stored, written = _dtypes(tmp / "ckpt"), _dtypes(tmp / "out")
+    assert set(written.values()) == {torch.bfloat16, torch.float32}
+    assert all(written[k] == stored[k] for k in written if k in stored)     # each keeps its dtype
+    loaded = load(tmp / "out")
+    assert {k: v.dtype for k, v in state_dict(loaded).items()} == written
+    x = random_inputs(graph)
+    with torch.no_grad():
+        assert rel_error(loaded(**x)[0], graph(**x)[0]) < 1e-6
+    # bench: the original runs in the compressed model's dtypes (the speedup is the compression's).
+    original, compressed = load_pair(tmp / "out")
+    kept = state_dict(compressed)
+    assert all(v.dtype == kept[k].dtype for k, v in state_dict(original).items() if k in kept)
+    result = bench(original, compressed, backends=("torch",), steps=1, repeats=1, warmup=0)
+    assert [r["backend"] for r in result["backends"]] == ["torch"]
+
+
+@pytest.mark.slow
+def test_bf16_apply_output_exports_to_onnx_matching_pytorch(bf16, capsys):
+    from graphopt.exporters.onnx import load_onnx
+
+    tmp, graph, upcast = bf16
+    loaded = load(tmp / "out")
+    x = random_inputs(graph)
+    with torch.no_grad():
+        ours = loaded(**x)[0]
+        exact = upcast(**{k: v.float() if torch.is_tensor(v) else v for k, v in x.items()})[0]
+    capsys.readouterr()
+    assert main(["export", str(tmp / "out"), "--format", "onnx", "-o", str(tmp / "onnx")]) == 0
+    assert "bfloat16 weights exported in float32" in capsys.readouterr().out
+    got = load_onnx(tmp / "onnx")(**x)[0]
+    # The ONNX holds the bf16 values upcast: it matches float32 arithmetic on them to float32
+    # rounding (2e-7 measured), and PyTorch's bf16 arithmetic to a few bf16 units (2^-8 = 3.9e-3;
+    # 5e-3 measured).
+    assert rel_error(got, exact) < 1e-5
+    assert rel_error(got, ours.float()) < 2e-2
+
+
+def test_fp16_checkpoint_keeps_its_dtype_through_apply_and_load(tmp_path):
+    """Every tensor float16 (a model cast with .to(float16)). Tensors the constructor computes
+    (Wan's rotary tables) come out float32, as diffusers' from_pretrained(torch_dtype=float16)
+    makes them: `rope` is one of Wan's _keep_in_fp32_modules."""
+    from graphopt.serialize import state_dict
+
+    model = build_model("wan", dict(build_model("wan").config, num_layers=3)).to(torch.float16)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
+    graph = _prune_and_drop(capture(model))
+    graph.recipe.save(tmp_path / "recipe.json")
+    apply_recipe(tmp_path / "recipe.json", tmp_path / "ckpt", tmp_path / "out")
+    written = _dtypes(tmp_path / "out")
+    assert {written[k] for k in written if not k.startswith("rope.")} == {torch.float16}
+    assert {written[k] for k in written if k.startswith("rope.")} == {torch.float32}
+    loaded = load(tmp_path / "out")
+    assert {k: v.dtype for k, v in state_dict(loaded).items()} == written
+    x = random_inputs(graph)
+    with torch.no_grad():
+        # Only the rotary tables differ (float32 here, float16 in `graph`): a few fp16 units.
+        assert rel_error(loaded(**x)[0].float(), graph(**x)[0].float()) < 5e-3
