@@ -59,6 +59,7 @@ BATCH = "batch"
 # TensorRT optimization-profile range written for the batch axis: min 1, opt 2 (one CFG pair), max 8.
 BATCH_RANGE = DimRange(1, 2, 8)
 META_CONFIG, META_BLOCKS, META_FIXED = "graphopt.config", "graphopt.blocks", "graphopt.fixed_inputs"
+META_REUSE = "graphopt.reuse"      # the cache slots a reusing model threads from step to step
 _EXPORT_BATCH = 2
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -339,7 +340,11 @@ def _bool_where_to_uint8(model) -> int:
 
 
 def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
+    """One file. A graph that reuses residuals gets its state lifted (graphopt.reuse.lift_state):
+    inputs `cache_valid` and `cache_<slot>`, outputs `next_<slot>` after `sample` (and `gates`)."""
     from tqdm.auto import tqdm
+
+    from graphopt import reuse
 
     inputs = _tensor_inputs(graph)
     names = list(inputs)
@@ -349,14 +354,55 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
         router.add_gates_output(gm, router.gates_node(graph))
     output_names = [OUTPUT_NAME] + ([GATES_NAME] if routed else [])
     pick = (lambda out: (out[0], out[-1])) if routed else (lambda out: out[0])
-    module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
     batch_axes = [[0] if dynamic and v.dim() > 0 else [] for v in inputs.values()]
+    metadata = {}
+    if reuse.reuses(graph):
+        slots = _slot_examples(graph)
+        gm, keys = reuse.lift_state(gm)
+        state_names = [reuse.VALID_INPUT] + [f"cache_{k}" for k in keys]
+        inputs.update(zip(state_names, [torch.tensor(False)] + [slots[k] for k in keys]))
+        names += state_names
+        batch_axes += [[]] + [[0] if dynamic and _batch_major(gm, f"cache_{k}") else []
+                              for k in keys]
+        output_names += [f"next_{k}" for k in keys]
+        flat = len(gm.graph.output_node().args[0]) - len(keys)     # the model's own outputs
+        pick = (lambda out: (out[0], out[flat - 1], *out[flat:])) if routed else \
+            (lambda out: (out[0], *out[flat:]))
+        metadata[META_REUSE] = json.dumps({"slots": keys, "timestep": graph.timestep_input,
+                                           "latent": graph.latent_input})
+    module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
     with tqdm(total=1, desc="ONNX export (single file)", unit="file", leave=False) as bar:
         program = _onnx_export(module, tuple(inputs.values()), names, batch_axes, output_names, opset,
                                "the whole model")
         _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(router.block_table(graph)),
-                              META_FIXED: json.dumps(_fixed_json(graph))})
+                              META_FIXED: json.dumps(_fixed_json(graph)), **metadata})
         bar.update()
+
+
+def _slot_examples(graph) -> dict[str, torch.Tensor]:
+    """The cache slots after one eager call on the example inputs (their shapes and dtypes)."""
+    from graphopt.reuse import STATE_MODULE, reset_cache
+
+    reset_cache(graph)
+    with torch.no_grad():
+        graph(**graph.example_inputs)
+    slots = dict(getattr(graph.gm, STATE_MODULE).state()["slots"])
+    reset_cache(graph)
+    return slots
+
+
+def _batch_major(gm, name: str) -> bool:
+    """Whether the lifted input `name` is laid out batch first (its first size is the symbol)."""
+    node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+    val = node.meta.get("val")
+    if val is None or val.dim() == 0:
+        return False
+    if not isinstance(val.shape[0], torch.SymInt):
+        return False
+    if len(val.shape[0].node.expr.free_symbols) != 1 or not val.shape[0].node.expr.is_Symbol:
+        raise GraphoptError(f"cache slot '{name}' has {val.shape[0]} rows, not one per sample: "
+                            f"reuse exports support streams laid out batch first")
+    return True
 
 
 def _fixed_json(graph) -> dict[str, Any]:
@@ -402,6 +448,11 @@ def _batch_axes(node: fx.Node, batch: Any) -> list[int]:
 def _export_segmented(graph, out: Path, opset: int) -> None:
     from tqdm.auto import tqdm
 
+    from graphopt.reuse import reuses
+
+    if reuses(graph):
+        raise GraphoptError("the segmented layout does not carry reuse state (route skip='reuse', "
+                            "the cache pass) yet: export it with layout='single' (`--format onnx`)")
     plans, stream, gates = plan_segments(graph)
     latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
     batch = latent.meta["val"].shape[0].node.expr

@@ -31,26 +31,48 @@ STATE_MODULE = "reuse_state"
 VALID_INPUT = "cache_valid"
 
 
-class ReuseState(nn.Module):
+class CacheContexts:
+    """Cache slots, one set per cache context, and the rule that starts a new sampling run: the
+    slots are emptied when the timestep is not below the previous call's, or the latent's shape,
+    dtype or device changed. Shared by the eager module and the runtimes of exported models."""
+
+    def __init__(self):
+        self.contexts: dict[str, dict] = {}
+        self.context = "default"
+
+    def state(self) -> dict:
+        return self.contexts.setdefault(self.context, {"slots": {}, "last": None})
+
+    def begin(self, timestep: torch.Tensor, latent: torch.Tensor) -> dict:
+        """This call's slots (empty at the start of a run)."""
+        state = self.state()
+        t = float(timestep.detach().float().mean())
+        signature = (tuple(latent.shape), latent.dtype, latent.device)
+        last = state["last"]
+        if last is None or last[1] != signature or not t < last[0]:
+            state["slots"] = {}
+        state["last"] = (t, signature)
+        return state["slots"]
+
+    def reset(self) -> None:
+        self.contexts.clear()
+
+
+class ReuseState(nn.Module, CacheContexts):
     """Cache slots of a reusing graph, one set per cache context."""
 
     _is_impure = True           # its write calls have no users; dead-code elimination must keep them
 
     def __init__(self):
-        super().__init__()
-        self.contexts: dict[str, dict] = {}
-        self.context = "default"
+        nn.Module.__init__(self)
+        CacheContexts.__init__(self)
 
     def __deepcopy__(self, memo):
         new = self.__class__()          # a copy of a model starts a fresh run
         memo[id(self)] = new
         return new
 
-    def _state(self) -> dict:
-        return self.contexts.setdefault(self.context, {"slots": {}, "last": None})
-
-    def reset(self) -> None:
-        self.contexts.clear()
+    _state = CacheContexts.state
 
     def forward(self, op: str, *args):
         from graphopt.router import _tracing
@@ -60,23 +82,17 @@ class ReuseState(nn.Module):
             if op == "begin":
                 return torch.zeros((), dtype=torch.bool, device=args[-1].device)
             return torch.zeros_like(args[-1]) if op == "read" else args[-1]
-        state = self._state()
         if op == "begin":
             timestep, latent = args
-            t = float(timestep.detach().float().mean())
-            signature = (tuple(latent.shape), latent.dtype, latent.device)
-            last = state["last"]
-            if last is None or last[1] != signature or not t < last[0]:
-                state["slots"].clear()
-            state["last"] = (t, signature)
-            return torch.tensor(bool(state["slots"]), device=latent.device)
+            return torch.tensor(bool(self.begin(timestep, latent)), device=latent.device)
+        slots = self.state()["slots"]
         if op == "read":
             key, like = args
-            value = state["slots"].get(key)
+            value = slots.get(key)
             return torch.zeros_like(like) if value is None else value
         if op == "write":
             key, value = args
-            state["slots"][key] = value.detach()
+            slots[key] = value.detach()
             return value
         raise GraphoptError(f"reuse_state has no operation '{op}'")
 

@@ -384,12 +384,23 @@ def units(graph) -> list[Unit]:
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not cond_block:
             continue
+        from graphopt.reuse import pick
+
         name = n.meta.get("graphopt_routed_block", n.name)
         outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
+        if any(u.target is pick for k in outputs for u in outputs[k].users):
+            # The cache pass: one conditional over a run of blocks, decided in the graph.
+            members = [next(u for u in outputs[k].users if u.target is pick)
+                       for k in range(len(outputs))]
+            units.append(Unit(-1, name, n, [m.args[2] for m in members], members,
+                              body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
+            continue
         mixed = []
         for k in range(len(outputs)):
-            selects = [u for u in outputs[k].users if u.target is gate_stream]
-            if len(selects) != 1 or len(outputs[k].users) != 1:
+            # gate_stream(out, stream) (identity skip), or with reuse gate_stream(out, stream +
+            # cached) and the cache update from out − stream
+            selects = [u for u in outputs[k].users if u.target is gate_stream and u.args[3] is outputs[k]]
+            if len(selects) != 1:
                 raise GraphoptError(f"routed block '{name}': its output {k} is not gated exactly once; "
                                     "export the graph as the route pass wrote it")
             mixed.append(selects[0])
