@@ -61,7 +61,8 @@ def load(folder, *, device: str = "cpu"):
     model = families.build_from_recipe(recipe.model, device="meta").to_empty(device=device)
     graph = capture(model, spec=spec)
     # Still the model the recipe was made from (`graphopt distill` finds its teacher there).
-    graph.source = graph.recipe.model["source"] = recipe.model.get("source", graph.source)
+    source = _source_next_to(folder, recipe.model.get("source", graph.source))
+    graph.source = graph.recipe.model["source"] = source
     recipe.replay(graph)
     weights, made_by_recipe = _read_weights(folder, device)
     expected = state_dict(graph)
@@ -78,6 +79,16 @@ def load(folder, *, device: str = "cpu"):
     graph.example_inputs = graph.family.example_inputs(recipe.model["config"], spec)
     graph.refresh()
     return graph
+
+
+def _source_next_to(folder: Path, source):
+    """A relative path in a recipe is relative to the recipe's folder, never to the working
+    directory; shipped names and absolute paths stay as they are."""
+    from graphopt.capture import shipped_names
+
+    if not isinstance(source, str) or source in shipped_names() or Path(source).is_absolute():
+        return source
+    return str((folder / source).resolve())
 
 
 def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[str]]:

@@ -288,3 +288,53 @@ def test_diffusers_index_naming_pickled_shards_is_refused(tmp_path, capsys):
     (folder / "unused.safetensors").write_bytes(b"")
     _refused(["inspect", str(folder)], capsys, "diffusion_pytorch_model.bin")
     assert main(["inspect", str(folder), "--trust-pickle"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A compressed folder is data: the recipe's model.source gets the checks of a path the user typed.
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compressed") / "out"
+    save(capture(build_model("wan")), folder)
+    return folder
+
+
+def _with_source(compressed, tmp_path, source):
+    folder = tmp_path / "compressed"
+    folder.mkdir()
+    for f in compressed.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    recipe = json.loads((folder / "recipe.json").read_text())
+    recipe["model"]["source"] = source
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    return folder
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize("verb", ["bench", "distill"])
+def test_recipe_source_gets_the_same_checks(honest, compressed, tmp_path, capsys, monkeypatch,
+                                            verb, relative):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt2"                      # next to the compressed folder
+    member = _with_pickled_weight(honest[0], evil, marker)
+    folder = _with_source(compressed, tmp_path, "../evil.pt2" if relative else str(evil))
+    elsewhere = tmp_path / "elsewhere"                # the source resolves from the folder, not here
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["bench", str(folder), "--backends", "torch"] if verb == "bench" else \
+        ["distill", str(folder), "--config", DISTILL_CONFIG, "-o", str(tmp_path / "distilled")]
+    err = _refused(argv, capsys, member)
+    assert str(evil.resolve()) in err and not marker.exists()
+    assert not (tmp_path / "distilled").exists()
+
+
+def test_relative_source_is_next_to_the_recipe(tmp_path, monkeypatch):
+    from graphopt.bench import load_pair
+
+    build_model("wan").save_pretrained(tmp_path / "original")
+    save(capture(str(tmp_path / "original")), tmp_path / "from_original")
+    folder = _with_source(tmp_path / "from_original", tmp_path, "../original")
+    monkeypatch.chdir(folder)                  # from here, ../original would be another folder
+    original, _ = load_pair(folder)
+    assert original.source == str((tmp_path / "original").resolve())
