@@ -326,7 +326,7 @@ def test_recipe_source_gets_the_same_checks(honest, compressed, tmp_path, capsys
         ["distill", str(folder), "--config", DISTILL_CONFIG, "-o", str(tmp_path / "distilled")]
     err = _refused(argv, capsys, member)
     assert str(evil.resolve()) in err and not marker.exists()
-    assert not (tmp_path / "distilled").exists()
+    assert not (tmp_path / "distilled").exists() and not (tmp_path / "distilled.checkpoints").exists()
 
 
 def test_relative_source_is_next_to_the_recipe(tmp_path, monkeypatch):
