@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -75,7 +74,9 @@ def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
     if path.suffix in (".pt2", ".pt"):
         if meta:
             raise GraphoptError(f"--meta needs a model folder (config.json), not '{name}'")
-        return _load_exported_archive(path, trust_pickle)
+        from graphopt.pt2 import load_exported
+
+        return load_exported(path, trust_pickle=trust_pickle)
     raise GraphoptError(f"'{name}' is neither a model folder nor a .pt2/.pt archive "
                         f"(torch.export.save); convert it with torch.export first")
 
@@ -97,14 +98,13 @@ def _load_diffusers_folder(path: Path, trust_pickle: bool):
     cfg_file = path / "config.json"
     config = _read_config(path)
     cls_name = config.get("_class_name")
-    cls = getattr(diffusers, cls_name, None) if cls_name else None
-    if cls is None:
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise GraphoptError(f"'{cfg_file}' names no diffusers model class (_class_name="
                             f"{cls_name!r}); graphopt loads diffusers transformer folders")
     has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and not trust_pickle:
-        raise GraphoptError(f"'{path}' holds no *.safetensors weights; loading pickled .bin weights "
-                            f"can run code: convert them to safetensors, or pass --trust-pickle")
+    if not trust_pickle:
+        _check_no_pickled_weights(path, has_safetensors)
     try:
         return cls.from_pretrained(path, use_safetensors=has_safetensors or None)
     except Exception as e:  # diffusers reports corrupt or mismatched weights in many ways
@@ -112,43 +112,26 @@ def _load_diffusers_folder(path: Path, trust_pickle: bool):
                             f"Check that the files are complete and match config.json") from None
 
 
-def _pt2_needs_pickle(path: Path) -> list[str]:
-    """Entries of a torch.export archive that torch.export.load would unpickle."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise GraphoptError(f"'{path}' is not a torch.export archive (not a zip file); write it "
-                            f"with torch.export.save(torch.export.export(model, ...), path)") from None
-    risky = []
-    with zf:
-        names = zf.namelist()
-        if not any(n.endswith("models/model.json") or n.endswith("serialized_exported_program.json")
-                   for n in names):
-            raise GraphoptError(f"'{path}' is a zip file but not a torch.export archive; write it "
-                                f"with torch.export.save")
-        for n in names:
-            parts = n.split("/")
-            if len(parts) >= 3 and parts[-2] in ("weights", "constants") and n.endswith(".pt"):
-                risky.append(n)  # legacy archives pickle all weights into one file
-            if n.endswith("_config.json") and parts[-2] in ("weights", "constants"):
-                for fqn, meta in json.loads(zf.read(n)).get("config", {}).items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                            ("weight_", "tensor_")):
-                        risky.append(fqn)
-    return risky
+def _check_no_pickled_weights(path: Path, has_safetensors: bool) -> None:
+    """Refuse a folder from which diffusers would unpickle weights: one without safetensors, or
+    one whose safetensors index (which diffusers follows whatever the shard names) lists others."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-
-def _load_exported_archive(path: Path, trust_pickle: bool):
-    risky = _pt2_needs_pickle(path)
-    if risky and not trust_pickle:
-        raise GraphoptError(f"'{path}' stores {len(risky)} entries as pickles (e.g. {risky[0]}); "
-                            f"unpickling can run code. Re-save it with a current torch.export.save, "
-                            f"or pass --trust-pickle if you trust its author")
-    try:
-        return torch.export.load(path)
-    except Exception as e:
-        raise GraphoptError(f"cannot read torch.export archive '{path}': {str(e).splitlines()[0]}. "
-                            f"It may be corrupt or written by an incompatible torch version") from None
+    if not has_safetensors:
+        raise GraphoptError(f"'{path}' holds no *.safetensors weights; loading pickled .bin weights "
+                            f"can run code: convert them to safetensors, or pass --trust-pickle")
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise GraphoptError(f"'{index}' is not a safetensors index (a JSON object with a "
+                                f"weight_map)") from None
+        pickled = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
+        if pickled:
+            raise GraphoptError(f"'{index}' lists weights that are not safetensors ({pickled[0]}); "
+                                f"loading them can run code: convert them to safetensors, or pass "
+                                f"--trust-pickle if you trust the folder")
 
 
 def _from_module(model: torch.nn.Module, example_inputs, spec, dynamic_batch, label) -> DiTGraph:
@@ -199,13 +182,10 @@ def _try_family(model):
 
 
 def _from_exported(ep, example_inputs, label) -> DiTGraph:
+    from graphopt import pt2
+
     if example_inputs is None:
-        args, kwargs = ep.example_inputs or ((), {})
-        if args:
-            names = [s.arg.name for s in ep.graph_signature.input_specs
-                     if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-            kwargs = {**dict(zip(names, args)), **kwargs}
-        example_inputs = kwargs
+        example_inputs = pt2.example_inputs(ep)
     if not example_inputs:
         raise GraphoptError(f"{label} carries no example inputs; pass example_inputs to capture()")
     return _finish(ep.module(), example_inputs, None, {}, None, None, label)

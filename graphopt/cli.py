@@ -22,7 +22,8 @@ def _add_model_args(p):
     p.add_argument("--meta", action="store_true",
                    help="build the architecture on the meta device: structure and cost, no weights")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading files that unpickle Python objects (can run code)")
+                   help="allow loading files that can run code when loaded: pickles, and .pt2 "
+                        "graphs that graphopt cannot check")
 
 
 def _add_overwrite_arg(p):
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (default: [run] output_dir, else OUTPUT.checkpoints); "
                         "rerun the same command to resume")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a teacher whose files unpickle Python objects")
+                   help="allow loading a teacher whose files can run code (pickles, unchecked .pt2)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("bench", help="original vs compressed in one process: FLOPs and latency "
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="PNG", help="also draw latency per backend to this file")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading an original whose files unpickle Python objects")
+                   help="allow loading an original whose files can run code (pickles, unchecked .pt2)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="write ONNX (single file or segmented) or TensorRT engines")

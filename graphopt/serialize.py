@@ -75,7 +75,8 @@ def load(folder, *, device: str = "cpu"):
     cast_like_checkpoint(model, {k: v.dtype for k, v in weights.items()})
     graph = capture(model.to_empty(device=device), spec=spec)
     # Still the model the recipe was made from (`graphopt distill` finds its teacher there).
-    graph.source = graph.recipe.model["source"] = recipe.model.get("source", graph.source)
+    source = _source_next_to(folder, recipe.model.get("source", graph.source))
+    graph.source = graph.recipe.model["source"] = source
     recipe.replay(graph)
     expected = state_dict(graph)
     missing = set(expected) - set(weights) - made_by_recipe
@@ -122,6 +123,16 @@ def cast_like_checkpoint(model: torch.nn.Module, stored: dict[str, torch.dtype])
             module._parameters[parts[-1]] = torch.nn.Parameter(t.to(dtype), t.requires_grad)
         else:
             module._buffers[parts[-1]] = t.to(dtype)
+
+
+def _source_next_to(folder: Path, source):
+    """A relative path in a recipe is relative to the recipe's folder, never to the working
+    directory; shipped names and absolute paths stay as they are."""
+    from graphopt.capture import shipped_names
+
+    if not isinstance(source, str) or source in shipped_names() or Path(source).is_absolute():
+        return source
+    return str((folder / source).resolve())
 
 
 def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[str]]:

@@ -82,6 +82,8 @@ def test_pickled_archive_needs_trust(capsys, tmp_path):
     import zipfile
     path = tmp_path / "legacy.pt2"
     with zipfile.ZipFile(path, "w") as z:
+        z.writestr("m/.data/version", "6\n")
+        z.writestr("m/archive_format", "pt2")
         z.writestr("m/models/model.json", "{}")
         z.writestr("m/data/weights/model.pt", b"pickle")
     _fails(["inspect", str(path)], capsys, "--trust-pickle")
