@@ -35,6 +35,7 @@ import torch
 from graphopt.errors import GraphoptError
 
 CONTEXT = "cfg_batch"
+_ABSENT = object()
 _MAG_CACHE_BANNER = "[MagCache] Calibration Complete"
 
 
@@ -50,7 +51,7 @@ class CachedTransformer:
         if steps is None:
             steps = getattr(config, "num_inference_steps", None)
         self.model, self.steps = model, steps
-        if getattr(config, "current_timestep_callback", "absent") is None:
+        if getattr(config, "current_timestep_callback", _ABSENT) is None:
             config = dataclasses.replace(config, current_timestep_callback=self.current_timestep)
         self.config = config
         self.calls = 0

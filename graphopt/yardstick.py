@@ -70,7 +70,7 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, *, title: str = "") -> N
     FigureCanvasAgg(fig)
     panels = fig.subplots(1, 2)
     for ax, key, label in ((panels[0], "aggregate", "aggregate mini-VBench (vs teacher, capped at 1)"),
-                           (panels[1], "psnr_db", "PSNR vs teacher (dB)")):
+                           (panels[1], "psnr_db", "PSNR vs teacher (dB; rows identical to it left out)")):
         shown = [r for r in rows if r.get(key) is not None and not (key == "psnr_db" and r[key] >= 100.0)]
         for k, family in enumerate(families):
             mine = [r for r in shown if r["family"] == family]

@@ -184,3 +184,52 @@ def test_mag_cache_calibration_then_skipping(eager):
     assert flops < 0.75 * plain_flops                        # at least one of the 4 steps skipped its blocks
     with pytest.raises(GraphoptError, match="called the transformer 4 times"):
         calibrate_mag_cache(model, lambda m: _sample(m, config, data), 3)
+
+
+# ---- tools/bench_quality.py ---------------------------------------------------------------------
+
+def _bench_quality():
+    """The script as a module (tools/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench_quality" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "tools" / "bench_quality.py"
+        spec = importlib.util.spec_from_file_location("bench_quality", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_quality"] = module             # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench_quality"]
+
+
+def test_bench_quality_rejects_unknown_row_group(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_quality().main(["--rows", "caches,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown row group(s) nope: choose from caches, prune, drop, route" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quality_end_to_end(tmp_path):
+    import json
+
+    bench = _bench_quality()
+    out = tmp_path / "out"
+    bench.main(["--rows", "caches,drop", "--clips", "1", "--steps", "3", "--distill-steps", "0", "--targets", "0.5",
+                "--repeats", "1", "--out", str(out), "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0] == "teacher" and "MagCache 0.4" in names and "drop hierarchical @0.5" in names
+    teacher = rows[0]
+    assert teacher["flops"] == 1.0 and teacher["aggregate"] == 1.0 and teacher["latency"] == 1.0
+    for row in rows:
+        assert {"name", "group", "family", "flops", "executed_flops", "aggregate"} <= set(row)
+        assert all(key in row for key, _, _ in bench.METRICS)          # every metric of the table
+        assert 0 < row["flops"] <= 1.0 + 1e-9 and 0 <= row["aggregate"] <= 1
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["diffusers teacher, no cache"]["flops"] == 1.0
+    assert by_name["drop hierarchical @0.5"]["flops"] < 0.7 and "latency" in by_name["drop hierarchical @0.5"]
+    assert "latency" not in by_name["MagCache 0.4"]
+    for name in ("bench_quality.md", "bench_quality.png", "pareto.png"):
+        assert (out / name).stat().st_size > 0
