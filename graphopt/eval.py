@@ -290,3 +290,27 @@ def evaluate_clips(config: GeneratorConfig, clips, conditions, reference=None) -
     """Means over clips of `clip_scores` (motion_rmse_px over the clips where some object was fitted)."""
     return {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             for name, values in clip_scores(config, clips, conditions, reference).items()}
+
+
+# The content and motion metrics the aggregate averages (all in [0, 1], higher is better).
+AGGREGATE_METRICS = ("colour_accuracy", "shape_accuracy", "subject_consistency", "motion_smoothness",
+                     "direction_adherence")
+
+
+def aggregate_score(scores: dict[str, float], teacher: dict[str, float]) -> float:
+    """One number per model: the mean over AGGREGATE_METRICS of min(score / teacher's score, 1).
+
+    Relative to the teacher, because a student can at best reproduce it (the teacher is the
+    reference; the generator's own clips would score 1 on every metric, the teacher a little less).
+    Capped at 1, so that beating the teacher on one metric by chance cannot hide a loss on another.
+    A NaN score (nothing measured) counts as 0.
+    """
+    parts = []
+    for name in AGGREGATE_METRICS:
+        base = teacher.get(name)
+        if base is None or not np.isfinite(base) or base <= 0:
+            raise GraphoptError(f"the teacher's {name} is {base}: the aggregate needs a positive reference value "
+                                "(score the teacher on more clips)")
+        value = scores[name]
+        parts.append(min(value / base, 1.0) if np.isfinite(value) else 0.0)
+    return float(np.mean(parts))

@@ -1,35 +1,51 @@
-"""Quality at matched compute: the shipped tiny teacher, compressed five ways, before and after distillation.
+"""Quality per executed FLOP: the shipped tiny teacher, sped up by diffusers' own caches and compressed
+by graphopt, every row sampled from the same noise and scored with mini-VBench against the teacher.
 
-Rows, at each target per-step FLOPs ratio (--targets, default 0.7 and 0.5):
+Row groups (--rows, default all), one builder each in ROW_BUILDERS:
 
-- prune, magnitude: attention heads (self and cross) with the smallest q/k/v/out weight norms removed;
-- prune, sensitivity: the Taylor estimate of each head's output change, on real calibration clips;
-- prune, role-aware: PARE's criterion (that sensitivity normalised per head role, temporal heads ×1.5);
-- drop, hierarchical: VDMini's policy, whole shallow blocks removed (the deep half is protected);
-- route: PARE's router (timestep + content) over every block, budget = the target;
-- and each of those after a short distillation (graphopt.distill: output + ICD (+ MCA) losses, and the
-  router budget loss for the routed row) on the generator's clips.
+- caches (family "diffusers cache"): diffusers' caches on the eager diffusers teacher, applied with
+  its own API (`model.enable_cache(config)` … `disable_cache()`, graphopt.diffusers_caches):
+  FirstBlockCache at several thresholds; MagCache with ratios from its own calibrate=True mode (one
+  sampling run on calibration conditions, not the scored ones); PyramidAttentionBroadcast and
+  FasterCache at two settings each; TaylorSeer at its defaults and at two settings that skip work;
+  and the eager teacher without a cache (a check: 1.00x FLOPs, the graph teacher's clips).
+- prune (family "graphopt static"): attention heads removed by magnitude, Taylor sensitivity on
+  real calibration clips, or PARE's role-aware criterion, until the cost model's FLOPs per step fall
+  to each --targets value;
+- drop ("graphopt static"): VDMini's hierarchical policy, whole shallow blocks removed;
+- route ("graphopt dynamic"): PARE's router over every block, budget = the target;
+- and each prune/drop/route row after --distill-steps of distillation (graphopt.distill: output +
+  ICD losses, and the router budget loss for the routed row) on the generator's clips.
 
-How the FLOPs are matched: heads are removed in score order until the cost model's FLOPs per step fall
-to the target (the count is searched); blocks are removed one by one (each is 1/8 of the blocks'
-FLOPs, so the ratio lands on the nearest step); the router runs at its budget, and its column shows
-the mean per-clip fraction it executed while sampling. Columns: that FLOPs ratio, the CPU latency
-ratio of one denoising call (a CFG pair of one clip, the median of --repeats interleaved runs, every
-row timed in the same loop, --threads threads), then mini-VBench (graphopt.eval) on --clips held-out
-conditions, every row sampled from the same noise (fidelity columns vs the teacher's clips).
+Columns: FLOPs = what the whole sampling run executed (every step, every call, the CFG pair
+batched), counted by torch's FlopCounterMode (graphopt.yardstick.count_flops) in the same run that
+makes the clips, relative to the teacher's run; CPU latency = one CFG-pair call (median of --repeats
+interleaved runs, --threads threads), relative to the teacher, for rows whose call cost is fixed
+(not the caches: theirs changes from step to step); aggregate = the mean over colour, shape,
+subject, smoothness and direction of min(metric / teacher's, 1) (graphopt.eval.aggregate_score);
+then mini-VBench (graphopt.eval) on --clips held-out conditions, fidelity columns vs the teacher.
 
-Writes <out>/bench_quality.md (the table and the command) and <out>/bench_quality.png (clip 0 of
-every row, same seed and condition).
+Writes <out>/bench_quality.md (table, command, notes), <out>/bench_quality.png (clip 0 of every
+row), <out>/pareto.png (aggregate and PSNR against executed FLOPs) and, with --json, every row.
 
-    python tools/bench_quality.py --out out/bench_quality                 # the README's table
-    python tools/bench_quality.py --clips 4 --distill-steps 0 --targets 0.5   # a quick look
+    python tools/bench_quality.py --out out/bench_quality                  # everything (~30 min)
+    python tools/bench_quality.py --rows caches --clips 16 --json out/bq.json
+    python tools/bench_quality.py --rows drop,route --clips 4 --distill-steps 0 --targets 0.5
+
+To add rows: write a builder `(bed: Testbed) -> list[Row]` and add it to ROW_BUILDERS.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -40,20 +56,119 @@ from tqdm import tqdm
 from graphopt.bench import interleaved_latency
 from graphopt.compress import compress
 from graphopt.cost import model_cost
-from graphopt.eval import evaluate_clips
+from graphopt.diffusers_caches import CachedTransformer, calibrate_mag_cache
+from graphopt.eval import AGGREGATE_METRICS, aggregate_score, evaluate_clips
 from graphopt.io import atomic_write_text
 from graphopt.passes.block_importance import block_importance, rank_blocks
 from graphopt.passes.head_roles import head_roles
 from graphopt.passes.importance import head_importance
 from graphopt.passes.prune import select_heads
-from graphopt.tiny.testbed import (calibration_inputs, capture_teacher, distill_settings, eval_conditions,
-                                   quality, save_frame_grid, write_distill_data)
+from graphopt.tiny import generate, load_tiny_teacher
+from graphopt.tiny.testbed import (CALIBRATION_SEED, calibration_inputs, capture_teacher, distill_settings,
+                                   eval_conditions, sample_clips, save_frame_grid, write_distill_data)
+from graphopt.yardstick import count_flops, plot_pareto
 
 METRICS = [("colour_accuracy", "colour", "{:.3f}"), ("shape_accuracy", "shape", "{:.3f}"),
            ("subject_consistency", "subject", "{:.3f}"), ("motion_smoothness", "smooth", "{:.3f}"),
            ("motion_rmse_px", "rmse px", "{:.2f}"), ("direction_adherence", "direction", "{:.3f}"),
            ("temporal_flicker", "flicker", "{:.3f}"), ("psnr_db", "PSNR dB", "{:.1f}"),
            ("relative_error", "rel err", "{:.3f}")]
+
+
+@dataclass
+class Row:
+    """One model to sample and score. `model` is what the sampler calls (a DiTGraph, a diffusers
+    model, a CachedTransformer); `context`, if given, is entered around its sampling run (a cache's
+    enable/disable). `distill`: also score a distilled copy (model must be a DiTGraph). `timed`:
+    one call's latency means something (False for a cache, whose calls differ in cost)."""
+
+    name: str
+    group: str
+    family: str
+    model: Callable
+    context: contextlib.AbstractContextManager | None = None
+    distill: bool = False
+    timed: bool = True
+
+
+class Testbed:
+    """What the row builders share; each analysis runs on first use, so a group that is not chosen
+    costs nothing."""
+
+    def __init__(self, args):
+        self.args = args
+        self.targets = [float(t) for t in args.targets.split(",") if t]
+        self.teacher, self.config = capture_teacher()
+        self.sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed}
+
+    @cached_property
+    def eager_teacher(self):
+        """The diffusers WanTransformer3DModel itself (diffusers' caches hook its modules)."""
+        return load_tiny_teacher()[0]
+
+    @cached_property
+    def calib(self) -> list[dict]:
+        return calibration_inputs(self.config)
+
+    @cached_property
+    def attentions(self) -> list[str]:
+        return [a.name for a in self.teacher.attentions.values() if a.prunable and a.kind in ("self", "cross")
+                and a.block is not None]
+
+    @cached_property
+    def roles(self):
+        return head_roles(self.teacher, inputs=self.calib)
+
+    def head_scores(self, criterion: str) -> dict:
+        extra = {"inputs": self.calib} if criterion != "magnitude" else {}
+        if criterion == "role-aware":
+            extra["roles"] = self.roles
+        return head_importance(self.teacher, criterion, attentions=self.attentions, **extra)
+
+    @cached_property
+    def mag_ratios(self) -> list[float]:
+        """MagCache's calibration on 4 calibration conditions (not the scored ones), same sampling."""
+        data = generate(self.config, 4, seed=CALIBRATION_SEED)
+        return calibrate_mag_cache(self.eager_teacher, lambda m: sample_clips(m, self.config, data, **self.sampling),
+                                   self.args.steps)
+
+    def cache(self, config) -> CachedTransformer:
+        return CachedTransformer(self.eager_teacher, config, steps=self.args.steps)
+
+
+# ---- row builders ---------------------------------------------------------------------------------
+
+def cache_rows(bed: Testbed) -> list[Row]:
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                           TaylorSeerCacheConfig)
+
+    steps = bed.args.steps
+    wide = (50, 950)                      # every sampled timestep but the first (1000) and last (100)
+    block_parts = [r"blocks\.\d+\.(attn1|attn2|ffn)"]
+    configs = [("diffusers teacher, no cache", None)]
+    configs += [(f"FirstBlockCache {t:g}", FirstBlockCacheConfig(threshold=t)) for t in (0.1, 0.2, 0.3, 0.5, 0.7)]
+    configs += [(f"MagCache {t:g}", MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=bed.mag_ratios))
+                for t in (0.12, 0.24, 0.4, 0.6)]
+    configs += [("PAB spatial 2", PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)),
+                ("PAB spatial 3 cross 3 wide", PyramidAttentionBroadcastConfig(
+                    spatial_attention_block_skip_range=3, cross_attention_block_skip_range=3,
+                    spatial_attention_timestep_skip_range=wide, cross_attention_timestep_skip_range=wide)),
+                ("FasterCache", FasterCacheConfig()),
+                ("FasterCache uncond 3 wide", FasterCacheConfig(
+                    unconditional_batch_skip_range=3, unconditional_batch_timestep_skip_range=(-1, 901),
+                    spatial_attention_timestep_skip_range=(-1, 901))),
+                ("TaylorSeer defaults", TaylorSeerCacheConfig()),
+                ("TaylorSeer attn+ffn every 2", TaylorSeerCacheConfig(
+                    cache_interval=2, cache_identifiers=block_parts, taylor_factors_dtype=torch.float32)),
+                ("TaylorSeer lite", TaylorSeerCacheConfig(use_lite_mode=True, taylor_factors_dtype=torch.float32))]
+    rows = []
+    for name, config in configs:
+        if config is None:
+            rows.append(Row(name, "caches", "diffusers cache", bed.eager_teacher))
+        else:
+            cached = bed.cache(config)
+            rows.append(Row(name, "caches", "diffusers cache", cached, context=cached, timed=False))
+    return rows
 
 
 def flops_ratio(graph, teacher) -> float:
@@ -83,121 +198,193 @@ def pruned_to(teacher, scores: dict, target: float):
     return best
 
 
-def dropped_to(teacher, ranking: list[int], target: float):
-    """The teacher with the number of hierarchical-policy blocks removed whose FLOPs ratio is nearest target."""
-    n = len(teacher.blocks)
+def prune_rows(bed: Testbed) -> list[Row]:
+    rows = []
+    for criterion in ("magnitude", "sensitivity", "role-aware"):
+        scores = bed.head_scores(criterion)
+        rows += [Row(f"prune {criterion} @{t:g}", "prune", "graphopt static", pruned_to(bed.teacher, scores, t),
+                     distill=True) for t in bed.targets]
+    return rows
+
+
+def drop_rows(bed: Testbed) -> list[Row]:
+    """The number of hierarchical-policy blocks removed whose cost-model FLOPs ratio is nearest each target."""
+    ranking = rank_blocks(block_importance(bed.teacher).scores(), "hierarchical", 0.5)
+    n = len(bed.teacher.blocks)
     options = []
     for count in range(1, n // 2 + 1):               # protect_deep 0.5: only the shallow half may go
-        graph = teacher.copy()
+        graph = bed.teacher.copy()
         compress(graph, ["drop"], {"drop": {"removed": sorted(ranking[n - count:])}})
-        options.append((abs(flops_ratio(graph, teacher) - target), graph))
-    return min(options, key=lambda o: o[0])[1]
+        options.append((flops_ratio(graph, bed.teacher), graph))
+    return [Row(f"drop hierarchical @{t:g}", "drop", "graphopt static",
+                min(options, key=lambda o: abs(o[0] - t))[1], distill=True) for t in bed.targets]
 
 
-def routed_at(teacher, target: float):
-    graph = teacher.copy()
-    compress(graph, ["route"], {"route": {"budget": target}})
-    return graph
+def route_rows(bed: Testbed) -> list[Row]:
+    rows = []
+    for t in bed.targets:
+        graph = bed.teacher.copy()
+        compress(graph, ["route"], {"route": {"budget": t}})
+        rows.append(Row(f"route @{t:g}", "route", "graphopt dynamic", graph, distill=True))
+    return rows
 
 
-def distilled(student, teacher, data_folder: Path, run_dir: Path, steps: int):
-    """A distilled copy of `student` (graphopt.tiny.testbed.distill_settings)."""
+ROW_BUILDERS: dict[str, Callable[[Testbed], list[Row]]] = {
+    "caches": cache_rows, "prune": prune_rows, "drop": drop_rows, "route": route_rows}
+
+
+def distilled_rows(bed: Testbed, rows: list[Row], steps: int) -> list[Row]:
+    """A distilled copy of every row marked `distill` (graphopt.tiny.testbed.distill_settings)."""
     from graphopt.distill.run import distill
 
-    routed = getattr(student.gm, "router", None) is not None
-    return distill(student.copy(), teacher, distill_settings(data_folder, run_dir, steps, routed=routed,
-                                                             progress=False))
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_distill_data(bed.config, Path(tmp) / "data")
+        for i, row in enumerate(tqdm([r for r in rows if r.distill], desc="distilling")):
+            routed = getattr(row.model.gm, "router", None) is not None
+            settings = distill_settings(data, Path(tmp) / f"run{i}", steps, routed=routed, progress=False)
+            out.append(Row(f"{row.name} + distill", row.group, f"{row.family} + distill",
+                           distill(row.model.copy(), bed.teacher, settings)))
+    return out
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+def measure(bed: Testbed, rows: list[Row], clips: int) -> tuple[list[dict], list]:
+    """Per row: executed FLOPs of its sampling run (counted in that run) and mini-VBench vs the teacher's clips."""
+    data = eval_conditions(bed.config, clips)
+    results, grid = [], []
+    reference = teacher_scores = teacher_flops = None
+    for row in tqdm(rows, desc="sampling"):
+        with row.context if row.context is not None else contextlib.nullcontext():
+            videos, flops = count_flops(lambda: sample_clips(row.model, bed.config, data, **bed.sampling))
+        if reference is None:                      # the teacher: fidelity columns against itself
+            reference, teacher_flops = videos, flops
+        scores = evaluate_clips(bed.config, videos, data, reference=reference)
+        teacher_scores = teacher_scores or scores
+        results.append({"name": row.name, "group": row.group, "family": row.family, "flops": flops / teacher_flops,
+                        "executed_flops": flops, **scores, "aggregate": aggregate_score(scores, teacher_scores)})
+        grid.append((row.name, videos))
+    return results, grid
+
+
+def add_latency(bed: Testbed, rows: list[Row], results: list[dict], repeats: int) -> float:
+    """Adds `latency` (relative to the teacher) to the timed rows' results; returns the teacher's seconds."""
+    feed = bed.calib[1]                             # one CFG pair of one clip
+    calls = {row.name: (lambda m=row.model: m(**feed)) for row in rows if row.timed}
+    latency = interleaved_latency(calls, repeats, 1, desc="timing")
+    for result in results:
+        if result["name"] in latency:
+            result["latency"] = latency[result["name"]] / latency["teacher"]
+    return latency["teacher"]
+
+
+def render(results: list[dict], console: Console, title: str) -> list[str]:
+    """The table on the console; returns it as markdown lines."""
+    table = Table(title=title)
+    header = ["model", "FLOPs", "CPU latency", "aggregate"] + [h for _, h, _ in METRICS]
+    for h in header:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in results:
+        latency = f"{r['latency']:.2f}" if "latency" in r else "—"
+        cells = [r["name"], f"{r['flops']:.2f}", latency, f"{r['aggregate']:.3f}"] + \
+                [fmt.format(r[key]) for key, _, fmt in METRICS]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    return lines
+
+
+def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wall_s: float,
+          teacher_call_s: float) -> list[str]:
+    teacher_flops = results[0]["executed_flops"]
+    out = [f"command: `{command}` ({wall_s / 60:.1f} min wall, {bed.args.threads} thread(s))", "",
+           f"FLOPs: torch FlopCounterMode over the whole sampling run ({bed.args.clips} clips, {bed.args.steps} "
+           f"steps, CFG pair batched: one call of batch {2 * bed.args.clips} per step), matmuls, convolutions and "
+           f"attention; the teacher's run counted {teacher_flops / 1e9:.1f} GFLOPs. aggregate: mean of "
+           f"min(metric / teacher's, 1) over {', '.join(AGGREGATE_METRICS)}."]
+    if "caches" in groups:
+        out += ["", "diffusers caches: the sampler calls the transformer once per step with the CFG pair batched "
+                "(unconditional first), so every cache keeps ONE state (one cache context) for both halves and a "
+                "skip decision covers the whole batch (diffusers' pipelines call cond and uncond in separate "
+                "contexts). FasterCache is built for this batched call: it drops the unconditional half on some "
+                "steps. The cache's own bookkeeping (differences, norms) counts 0 FLOPs, as elementwise work does "
+                "everywhere here. Latency is not given for the caches: one call's cost depends on the step.",
+                f"MagCache ratios (calibrate=True, {bed.args.steps} steps, 4 calibration conditions): "
+                f"{', '.join(f'{r:.3f}' for r in bed.mag_ratios)}; max_skip_steps 3, retention_ratio 0.2 (defaults).",
+                "TaylorSeer at its defaults skips nothing on Wan: its default cache_identifiers "
+                "(`^blocks.*attn`, matched with re.fullmatch) match no module name (Wan's are blocks.N.attn1 / "
+                "attn2), so no hook is installed. The two other TaylorSeer rows name the modules: attn1, attn2 "
+                "and ffn of every block, refreshed every 2nd step after 3 warm-up steps; lite mode (block outputs "
+                "skipped, proj_out predicted)."]
+    if "prune" in groups:
+        counts = bed.roles.counts()
+        out += ["", f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
+                    f"{counts['temporal']} temporal, {counts['mixed']} mixed."]
+    return out + ["", f"teacher call {teacher_call_s * 1e3:.1f} ms at {bed.args.threads} thread(s)."]
+
+
+def write_json(path: Path, results: list[dict], bed: Testbed, command: str) -> None:
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    payload = {"command": command, "clips": bed.args.clips, "steps": bed.args.steps, "guidance": bed.args.guidance,
+               "seed": bed.args.seed, "rows": [{k: clean(v) for k, v in r.items()} for r in results]}
+    atomic_write_text(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/bench_quality"))
+    parser.add_argument("--rows", default=",".join(ROW_BUILDERS),
+                        help=f"row groups, comma-separated, from {', '.join(ROW_BUILDERS)} (the teacher always runs)")
     parser.add_argument("--targets", default="0.7,0.5", help="per-step FLOPs ratios, comma-separated")
     parser.add_argument("--clips", type=int, default=16, help="held-out conditions per row")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--distill-steps", type=int, default=200, help="0: no distilled rows")
+    parser.add_argument("--distill-steps", type=int, default=60, help="0: no distilled rows")
     parser.add_argument("--repeats", type=int, default=5, help="latency: interleaved repeats")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine two threads wait on each other)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
-    targets = [float(t) for t in args.targets.split(",") if t]
+    groups = [g for g in args.rows.split(",") if g]
+    unknown = [g for g in groups if g not in ROW_BUILDERS]
+    if unknown:
+        parser.error(f"unknown row group(s) {', '.join(unknown)}: choose from {', '.join(ROW_BUILDERS)}")
+    if args.clips < 1 or args.steps < 1:
+        parser.error("--clips and --steps must be at least 1")
     torch.set_num_threads(args.threads)
-    console = Console(width=220)
+    console = Console(width=240)
     command = " ".join(["python tools/bench_quality.py"] + (argv if argv is not None else sys.argv[1:]))
+    start = time.perf_counter()
 
-    teacher, config = capture_teacher()
-    calib = calibration_inputs(config)
-    console.print("ranking heads (magnitude; sensitivity and role-aware on calibration clips) and blocks ...")
-    attentions = [a.name for a in teacher.attentions.values() if a.prunable and a.kind in ("self", "cross")
-                  and a.block is not None]
-    roles = head_roles(teacher, inputs=calib)
-    magnitude = head_importance(teacher, "magnitude", attentions=attentions)
-    sensitivity = head_importance(teacher, "sensitivity", attentions=attentions, inputs=calib)
-    role_aware = head_importance(teacher, "role-aware", attentions=attentions, inputs=calib, roles=roles)
-    ranking = rank_blocks(block_importance(teacher).scores(), "hierarchical", 0.5)
-
-    rows = [("teacher", teacher)]
-    for target in tqdm(targets, desc="compressing"):
-        rows += [(f"prune magnitude @{target:g}", pruned_to(teacher, magnitude, target)),
-                 (f"prune sensitivity @{target:g}", pruned_to(teacher, sensitivity, target)),
-                 (f"prune role-aware @{target:g}", pruned_to(teacher, role_aware, target)),
-                 (f"drop hierarchical @{target:g}", dropped_to(teacher, ranking, target)),
-                 (f"route @{target:g}", routed_at(teacher, target))]
+    bed = Testbed(args)
+    rows = [Row("teacher", "teacher", "teacher", bed.teacher)]
+    for group in tqdm(groups, desc="building rows"):
+        rows += ROW_BUILDERS[group](bed)
     if args.distill_steps:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = write_distill_data(config, Path(tmp) / "data")
-            for i, (name, graph) in enumerate(tqdm(rows[1:], desc="distilling")):
-                rows.append((f"{name} + distill", distilled(graph, teacher, data, Path(tmp) / f"run{i}",
-                                                            args.distill_steps)))
+        rows += distilled_rows(bed, rows, args.distill_steps)
+    results, grid = measure(bed, rows, args.clips)
+    teacher_call_s = add_latency(bed, rows, results, args.repeats)
 
-    data = eval_conditions(config, args.clips)
-    sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed}
-    results, grid = [], []
-    reference = None
-    for name, graph in tqdm(rows, desc="sampling"):
-        router = getattr(graph.gm, "router", None)
-        with router.recording() if router is not None else contextlib.nullcontext():
-            scores, clips = quality(graph, config, data, reference, **sampling)
-            if router is not None:
-                fractions = [f for step in router.step_flops() for f in step["sample_fractions"]]
-        if reference is None:                      # the teacher: fidelity columns against itself
-            reference = clips
-            scores = evaluate_clips(config, clips, data, reference=reference)
-        flops = sum(fractions) / len(fractions) if router is not None else flops_ratio(graph, teacher)
-        results.append((name, flops, scores))
-        grid.append((name, clips))
-
-    def call(graph):
-        feed = calib[1]
-        return lambda: graph(**feed)
-    latency = interleaved_latency({name: call(graph) for name, graph in rows}, args.repeats, 1, desc="timing")
-
-    table = Table(title=f"mini-VBench at matched FLOPs: {args.clips} held-out conditions, {args.steps} steps, "
-                        f"cfg {args.guidance:g}; latency: one CFG-pair call, {args.threads} CPU threads")
-    header = ["model", "FLOPs", "CPU latency"] + [h for _, h, _ in METRICS]
-    for h in header:
-        table.add_column(h, justify="left" if h == "model" else "right")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for name, flops, scores in results:
-        cells = [name, f"{flops:.2f}", f"{latency[name] / latency['teacher']:.2f}"] + \
-                [fmt.format(scores[key]) for key, _, fmt in METRICS]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    counts = roles.counts()
-    notes = [f"command: `{command}`", "",
-             f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
-             f"{counts['temporal']} temporal, {counts['mixed']} mixed; teacher call "
-             f"{latency['teacher'] * 1e3:.1f} ms at {args.threads} threads."]
-    console.print("\n".join(notes))
-
+    title = (f"mini-VBench per executed FLOP: {args.clips} held-out conditions, {args.steps} steps, cfg "
+             f"{args.guidance:g}; FLOPs and latency relative to the teacher")
+    lines = render(results, console, title)
+    note_lines = notes(bed, groups, results, command, time.perf_counter() - start, teacher_call_s)
+    console.print("\n".join(note_lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    markdown = "\n".join(["# Quality at matched compute (tools/bench_quality.py)", "", *lines, "", *notes, "",
-                          "![frames](bench_quality.png)", ""])
+    markdown = "\n".join(["# Quality per executed FLOP (tools/bench_quality.py)", "", *lines, "", *note_lines, "",
+                          "![Pareto](pareto.png)", "", "![frames](bench_quality.png)", ""])
     atomic_write_text(args.out / "bench_quality.md", markdown)
     save_frame_grid(args.out / "bench_quality.png", grid)
-    console.print(f"wrote {args.out}/bench_quality.md and bench_quality.png")
+    plot_pareto(results, args.out / "pareto.png", title=title)
+    if args.json is not None:
+        write_json(args.json, results, bed, command)
+    console.print(f"wrote {args.out}/bench_quality.md, bench_quality.png, pareto.png"
+                  + (f" and {args.json}" if args.json is not None else ""))
 
 
 if __name__ == "__main__":
