@@ -1,16 +1,18 @@
 """`graphopt demo`: the whole toolchain on the shipped tiny teacher (tiny-wan), start to finish.
 
-    inspect → head roles → compress (prune, route) → distill → export ONNX → bench → sample and score
+    inspect → head roles → compress (route, skip = reuse) → fit the reuse schedule → export ONNX
+    → bench → sample and score
 
-Every stage is the library's own API (what `graphopt inspect/compress/distill/export/bench` call);
+Every stage is the library's own API (what `graphopt inspect/compress/export/bench` call, and
+`graphopt.distill.reuse_schedule`);
 the demo only chooses small settings and collects the results into one report folder:
 
     summary.md / summary.json   what each stage did, how long it took, and the numbers
     inspect.json                the teacher's structure and cost (`graphopt inspect --json`)
     head_roles.png / .md        temporal score per head (calibration clips of the training data)
     compressed/                 the `graphopt compress` folder (recipe, weights, report, plots)
-    distilled/                  the `graphopt distill` folder (+ distill.json, distill.png)
-    onnx/model.onnx             single-file ONNX export (one If per routed block)
+    onnx/model.onnx             single-file ONNX export (one If per routed block, cache slots as
+                                inputs/outputs)
     bench.png / bench.json      teacher vs student latency per step, torch and onnxruntime
     router_decisions.png        which blocks the router ran at each sampling step
     compute_per_step.png        executed FLOPs fraction per sampling step
@@ -22,7 +24,6 @@ the demo only chooses small settings and collects the results into one report fo
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,8 @@ from graphopt.io import atomic_dir, atomic_write_text
 
 @dataclass(frozen=True)
 class DemoSettings:
-    prune_ratio: float = 0.25          # of all prunable heads (self and cross), role-aware
-    route_budget: float = 0.7          # executed FLOPs fraction per step
-    distill_steps: int = 150           # half width recovery, half router training
-    distill_clips: int = 128
+    reuse_target: float = 0.5          # executed FLOPs fraction of a whole sampling run
+    fit_clips: int = 4                 # calibration conditions the reuse schedule is searched on
     clips: int = 8                     # quality: held-out conditions
     sample_steps: int = 10
     bench_repeats: int = 5
@@ -46,8 +45,7 @@ class DemoSettings:
 
 FULL = DemoSettings()
 # Quick: onnxruntime is still checked against PyTorch at export; only its timing (two more exports) is left out.
-QUICK = DemoSettings(distill_steps=6, distill_clips=16, clips=2, sample_steps=4, bench_repeats=2,
-                     bench_backends=("torch",))
+QUICK = DemoSettings(fit_clips=1, clips=2, sample_steps=4, bench_repeats=2, bench_backends=("torch",))
 
 
 def run_demo(out: str | Path, *, quick: bool = False, threads: int | None = None, console=None,
@@ -100,33 +98,36 @@ def _write_report(out: Path, settings: DemoSettings, quick: bool, console, total
           f"{counts['spatial']} spatial / {counts['temporal']} temporal / {counts['mixed']} mixed", t,
           head_roles=counts, flops_per_step=info["totals"]["flops_per_step"])
 
-    # 2. compress: role-aware head pruning, then a router over every block.
+    # 2. compress: every block routed, a skipped block giving back its cached residual (reuse).
     from graphopt.compress import compress
 
     t = time.perf_counter()
     student = teacher.copy()
-    report = compress(student, ["prune", "route"],
-                      {"prune": {"ratio": settings.prune_ratio, "criterion": "role-aware"},
-                       "route": {"budget": settings.route_budget}},
+    report = compress(student, ["route"],
+                      {"route": {"mode": "schedule", "skip": "reuse", "select": "sign",
+                                 "budget": 1.0, "timestep_bins": 1000,
+                                 # the schedule is fitted next: no block ranking to start from
+                                 "ranking": list(range(len(teacher.blocks)))}},
                       out=out / "compressed", console=console)
-    stage("compress", f"prune {settings.prune_ratio:g} of the heads (role-aware), route at budget "
-          f"{settings.route_budget:g}: static FLOPs/step {human(report['before']['flops_per_step'])} → "
-          f"{human(report['after']['flops_per_step'])} (every routed block counted)", t,
-          params_ratio=report["after"]["params"] / report["before"]["params"])
+    stage("compress", f"route every block with residual reuse (a schedule router: which blocks "
+          f"recompute at which step); static FLOPs/step {human(report['before']['flops_per_step'])}",
+          t, params_ratio=report["after"]["params"] / report["before"]["params"])
 
-    # 3. distill: output + ICD losses on the generator's clips; the router trains in stage 2.
-    from graphopt.distill.run import distill
-    from graphopt.tiny.testbed import distill_settings, write_distill_data
+    # 3. fit: the schedule, searched on unrolled sampling runs of calibration conditions.
+    from graphopt.distill.reuse_schedule import fit_reuse_schedule
+    from graphopt.tiny import embed_tokens, generate
+    from graphopt.tiny.testbed import CALIBRATION_SEED
 
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out, prefix=".distill-") as tmp:
-        data = write_distill_data(config, Path(tmp) / "data", clips=settings.distill_clips)
-        config_dict = distill_settings(data, Path(tmp) / "run", settings.distill_steps, routed=True)
-        student = distill(student, teacher, config_dict, out=out / "distilled")
-    result = student.reports["distill"]
-    stage("distill", f"{result.steps} steps: output rel. error {result.output_error_before:.3f} → "
-          f"{result.output_error_after:.3f}", t, output_error_before=result.output_error_before,
-          output_error_after=result.output_error_after)
+    data = generate(config, settings.fit_clips, seed=CALIBRATION_SEED)
+    fit = fit_reuse_schedule(student, teacher, embed_tokens(config, data.tokens),
+                             video_shape=data.videos.shape[1:], target=settings.reuse_target,
+                             steps=settings.sample_steps, progress=True)
+    first, last = fit["path"][0], fit["path"][-1]
+    stage("fit", f"reuse schedule on {settings.fit_clips} calibration conditions: executed FLOPs "
+          f"{first['fraction']:.2f} → {last['fraction']:.2f} of the teacher's, final-clip MSE vs "
+          f"the teacher {last['error']:.2g}", t, executed_fraction=fit["fraction"],
+          clip_mse=fit["error"])
 
     # 4. export: single-file ONNX, checked against the PyTorch student in onnxruntime.
     from graphopt.exporters.onnx import export_onnx, load_onnx
@@ -169,7 +170,7 @@ def _write_report(out: Path, settings: DemoSettings, quick: bool, console, total
         student_clips = sample_clips(student, config, conditions, **sampling)
         router.plot_decisions(out / "router_decisions.png", names=[f"block {i}" for i in range(router.n_blocks)])
         per_step = router.step_flops()
-    # The router's fractions are of the pruned student's dense FLOPs; the plot and summary use the teacher's.
+    # The router's fractions are of the student's dense FLOPs; the plot and summary use the teacher's.
     scale = (router.fixed_flops + sum(router.block_flops)) / info["totals"]["flops_per_step"]
     per_step = [{"step": s["step"], "batch": s["fraction"] * scale,
                  "clip": scale * sum(s["sample_fractions"]) / len(s["sample_fractions"])} for s in per_step]
@@ -209,7 +210,7 @@ def _plot_compute(path: Path, per_step: list[dict]) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("sampling step (noise → clean)")
     ax.set_ylabel("FLOPs / teacher's")
-    ax.set_title("compute per sampling step, pruned + routed student", fontsize=9)
+    ax.set_title("compute per sampling step, reuse-routed student", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -14,6 +14,10 @@ Row groups (--rows, default all), one builder each in ROW_BUILDERS:
   to each --targets value;
 - drop ("graphopt static"): VDMini's hierarchical policy, whole shallow blocks removed;
 - route ("graphopt dynamic"): PARE's router over every block, budget = the target;
+- reuse ("graphopt dynamic"): residual reuse in the graph, no weight training: the cache pass
+  (FirstBlockCache compiled into the graph) and a learned reuse schedule (route skip=reuse; which
+  block half recomputes at which step, searched on unrolled runs of 4 calibration conditions) at
+  each --reuse-targets executed fraction;
 - and each prune/drop/route row after --distill-steps of distillation (graphopt.distill: output +
   ICD losses, and the router budget loss for the routed row) on the generator's clips.
 
@@ -229,8 +233,43 @@ def route_rows(bed: Testbed) -> list[Row]:
     return rows
 
 
+def reuse_rows(bed: Testbed) -> list[Row]:
+    """graphopt's reuse in the graph: the cache pass (FirstBlockCache compiled in: the same clips as
+    diffusers' hook), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
+    schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
+    --reuse-targets executed fraction; no training of the weights."""
+    from graphopt.distill.reuse_schedule import reuse_schedule_path, set_reuse_schedule
+    from graphopt.tiny import embed_tokens
+
+    rows = []
+    for t in (0.3, 0.5):
+        graph = bed.teacher.copy()
+        compress(graph, ["cache"], {"cache": {"method": "first-block", "threshold": t}})
+        rows.append(Row(f"graphopt cache first-block {t:g}", "reuse", "graphopt dynamic", graph,
+                        timed=False))
+    targets = [float(t) for t in bed.args.reuse_targets.split(",") if t]
+    if not targets:
+        return rows
+    routed = bed.teacher.copy()
+    compress(routed, ["route"], {"route": {"mode": "schedule", "skip": "reuse", "select": "sign",
+                                           "budget": 1.0, "timestep_bins": 1000,
+                                           "ranking": list(range(len(bed.teacher.blocks)))}})
+    data = generate(bed.config, 4, seed=CALIBRATION_SEED)
+    cond = embed_tokens(bed.config, data.tokens)
+    path = reuse_schedule_path(routed, bed.teacher, cond, video_shape=data.videos.shape[1:],
+                               down_to=min(targets) + 1e-3, steps=bed.args.steps,
+                               guidance=bed.args.guidance, progress=True)
+    for t in targets:
+        point = next(p for p in path if p["fraction"] <= t + 1e-3)
+        graph = routed.copy()
+        set_reuse_schedule(graph, point["computes"], steps=bed.args.steps)
+        rows.append(Row(f"reuse schedule @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
+    return rows
+
+
 ROW_BUILDERS: dict[str, Callable[[Testbed], list[Row]]] = {
-    "caches": cache_rows, "prune": prune_rows, "drop": drop_rows, "route": route_rows}
+    "caches": cache_rows, "prune": prune_rows, "drop": drop_rows, "route": route_rows,
+    "reuse": reuse_rows}
 
 
 def distilled_rows(bed: Testbed, rows: list[Row], steps: int) -> list[Row]:
@@ -348,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads wait on each other)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-targets", default="0.5,0.35,0.25",
+                        help="executed-FLOPs fractions of the learned reuse-schedule rows")
     parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
     groups = [g for g in args.rows.split(",") if g]
