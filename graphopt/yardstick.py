@@ -87,7 +87,7 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, *, title: str = "") -> N
         ax.set_xlabel("executed FLOPs (fraction of the teacher's sampling run)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
