@@ -40,10 +40,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
@@ -353,11 +355,6 @@ def _tracing(t: torch.Tensor) -> bool:
 
 
 # -- the router in a routed graph: the nodes `route` wrote, as the exporters read them ------------
-
-import operator
-from dataclasses import dataclass, field
-
-from torch import fx
 
 
 @dataclass
