@@ -27,10 +27,12 @@ The manifest file (all keys required unless marked optional):
       "outputs": [{"name": "sample", "dtype": "float32", "shape": [...]}],   # outputs[0] is what the call returns first
       "stream": ["x"],                             # residual-stream tensor names (prologue outputs)
       "gates": "gates",                            # prologue output name, or null when the model is not routed
+      "reuse": {"valid": "cache_valid", "timestep": "timestep", "latent": "hidden_states"},   # optional
       "segments": [
         {"kind": "prologue", "file": "prologue.onnx", "inputs": [...], "outputs": [...]},
         {"kind": "block", "file": "block_00.onnx", "block": 0, "gate": null, "inputs": [...], "outputs": [...]},
-        {"kind": "block", "file": "block_01.onnx", "block": 1, "gate": 0, "inputs": [...], "outputs": [...]},
+        {"kind": "block", "file": "block_01.onnx", "block": 1, "gate": 0, "inputs": [...], "outputs": [...],
+         "reuse": {"slots": {"x": "blocks_1_s0"}}},    # optional: a skipped sample gets x + its cached residual
         {"kind": "epilogue", "file": "epilogue.onnx", "inputs": [...], "outputs": [...]}
       ]
     }
@@ -38,6 +40,13 @@ The manifest file (all keys required unless marked optional):
 A shape lists ints (fixed) and names (symbolic, e.g. "batch"); dtypes use numpy-style names
 ("float32", "float16", "bfloat16", "int64", "int32", "bool", ...). `file` is relative to the
 manifest's folder. `block` is the block's index in the compressed model (strictly increasing).
+
+Residual reuse (route skip="reuse", the cache pass): the runtime keeps the cache slots on the device,
+one set per cache context, and feeds the prologue `reuse.valid` (bool []: the slots hold this sampling
+run's values; the router then gates freely, else every block runs). A block with `reuse.slots`: where a
+sample's gate is off it gets stream + slot, where on its output, and slot := output − stream. A block
+with `reuse.cache` is the cache pass's run of cached blocks; the runtime decides it once per step on
+the host with the rule's own functions (passes/cache.py `cache_step`).
 """
 
 from __future__ import annotations
@@ -147,6 +156,9 @@ class Segment:
     outputs: tuple[TensorSpec, ...]
     block: int | None = None
     gate: int | None = None
+    # Residual reuse (block segments): {"slots": {stream: slot or null}} for a reuse-routed block
+    # (a skipped sample gets stream + slot), {"cache": rule} for the cache pass's cached blocks.
+    reuse: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -157,8 +169,12 @@ class Segment:
         if self.kind == "block":
             if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0:
                 raise GraphoptError(f"{where}: a block segment needs a block index >= 0, got {self.block!r}")
-        elif self.block is not None or self.gate is not None:
-            raise GraphoptError(f"{where}: only block segments carry 'block' and 'gate'")
+        elif self.block is not None or self.gate is not None or self.reuse is not None:
+            raise GraphoptError(f"{where}: only block segments carry 'block', 'gate' and 'reuse'")
+        if self.reuse is not None and (not isinstance(self.reuse, Mapping) or len(self.reuse) != 1
+                                       or not {"slots", "cache"} & set(self.reuse)):
+            raise GraphoptError(f"{where}: 'reuse' must be {{\"slots\": [...]}} or {{\"cache\": {{...}}}}, "
+                                f"got {self.reuse!r}")
         if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int) or self.gate < 0):
             raise GraphoptError(f"{where}: gate column must be an int >= 0 or null, got {self.gate!r}")
         names = [t.name for t in self.inputs + self.outputs]
@@ -185,6 +201,8 @@ class Segment:
         if self.kind == "block":
             data["block"] = self.block
             data["gate"] = self.gate
+            if self.reuse is not None:
+                data["reuse"] = dict(self.reuse)
         data["inputs"] = [t.to_json() for t in self.inputs]
         data["outputs"] = [t.to_json() for t in self.outputs]
         return data
@@ -199,6 +217,7 @@ class Segment:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             block=data.get("block"),
             gate=data.get("gate"),
+            reuse=data.get("reuse"),
         )
 
     @classmethod
@@ -232,6 +251,9 @@ class SegmentedManifest:
     batch_dim: str = "batch"
     config: dict[str, Any] = field(default_factory=dict)
     fixed_inputs: dict[str, Any] = field(default_factory=dict)
+    # Residual reuse: {"valid": prologue input the runtime feeds (the caches hold this run's
+    # values), "timestep": ..., "latent": ... (model inputs a new sampling run is detected from)}.
+    reuse: dict[str, str] | None = None
     root: Path | None = None
 
     def __post_init__(self) -> None:
@@ -289,7 +311,18 @@ class SegmentedManifest:
 
         model_inputs = {t.name: t for t in self.inputs}
         pro = self.prologue
-        self._check_reads(pro, model_inputs, "model inputs")
+        reusing = [b.file for b in self.blocks if b.reuse is not None]
+        if reusing and self.reuse is None:
+            raise GraphoptError(f"segments {reusing} reuse residuals but the manifest has no 'reuse' entry")
+        if self.reuse is not None:
+            _require_keys(self.reuse, ("valid", "timestep", "latent"), "reuse")
+            missing = [self.reuse[k] for k in ("timestep", "latent") if self.reuse[k] not in model_inputs]
+            if missing:
+                raise GraphoptError(f"reuse detects a new run from {missing}, which are not model inputs")
+            readable_by_prologue = {**model_inputs, self.reuse["valid"]: TensorSpec(self.reuse["valid"], "bool", ())}
+        else:
+            readable_by_prologue = model_inputs
+        self._check_reads(pro, readable_by_prologue, "model inputs")
         produced = {t.name: t for t in pro.outputs}
         clash = sorted(set(produced) & set(model_inputs))
         if clash:
@@ -431,6 +464,7 @@ class SegmentedManifest:
             "stream": list(self.stream),
             "gates": self.gates,
             "segments": [s.to_json() for s in self.segments],
+            **({"reuse": self.reuse} if self.reuse is not None else {}),
         }
 
     @classmethod
@@ -453,6 +487,7 @@ class SegmentedManifest:
             batch_dim=data.get("batch_dim", "batch"),
             config=dict(data.get("config", {})),
             fixed_inputs=dict(data.get("fixed_inputs", {})),
+            reuse=data.get("reuse"),
             root=root,
         )
 

@@ -448,15 +448,13 @@ def _batch_axes(node: fx.Node, batch: Any) -> list[int]:
 def _export_segmented(graph, out: Path, opset: int) -> None:
     from tqdm.auto import tqdm
 
-    from graphopt.reuse import reuses
+    from graphopt import reuse
 
-    if reuses(graph):
-        raise GraphoptError("the segmented layout does not carry reuse state (route skip='reuse', "
-                            "the cache pass) yet: export it with layout='single' (`--format onnx`)")
     plans, stream, gates = plan_segments(graph)
     latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
     batch = latent.meta["val"].shape[0].node.expr
     values = _example_values(graph, {node for plan in plans for _, node in plan.inputs})
+    reuse.reset_cache(graph)            # the example call is no step of a user's run
     segments = []
     for plan in tqdm(plans, desc="ONNX export (segments)", unit="file", leave=False):
         names = [name for name, _ in plan.inputs]
@@ -466,13 +464,16 @@ def _export_segmented(graph, out: Path, opset: int) -> None:
         program = _onnx_export(module, args, names, axes, plan.outputs, opset, f"segment {plan.file}")
         _save(program, out / plan.file)
         declared = Segment.from_onnx(out / plan.file)
-        segments.append(Segment(plan.kind, plan.file, declared.inputs, declared.outputs, plan.block, plan.gate))
+        segments.append(Segment(plan.kind, plan.file, declared.inputs, declared.outputs, plan.block, plan.gate,
+                                plan.reuse))
     readers = {spec.name: spec for seg in segments for spec in seg.inputs}
     model_inputs = [readers[p.name] for p in graph.placeholders() if p.name in readers]
     manifest = SegmentedManifest(
         inputs=tuple(model_inputs), outputs=segments[-1].outputs, stream=tuple(stream), gates=gates,
         segments=tuple(segments), dims={BATCH: BATCH_RANGE}, batch_dim=BATCH,
-        config=_jsonable_config(graph.config), fixed_inputs=_fixed_json(graph))
+        config=_jsonable_config(graph.config), fixed_inputs=_fixed_json(graph),
+        reuse={"valid": reuse.VALID_INPUT, "timestep": graph.timestep_input, "latent": graph.latent_input}
+        if reuse.reuses(graph) else None)
     manifest.save(out / MANIFEST_FILE)
 
 

@@ -12,7 +12,6 @@ called like the diffusers transformer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -212,13 +211,6 @@ class SingleFileModel(FacadeModel):
         check_fixed_inputs(self.fixed, kwargs, "ONNX model")
         return super().__call__(*args, return_dict=return_dict, **kwargs)
 
-    def cache_context(self, name: str, **kwargs: Any):
-        from graphopt.reuse import cache_context
-
-        if self.reuse is None:
-            return super().cache_context(name, **kwargs)
-        return _both(super().cache_context(name, **kwargs), cache_context(self, name))
-
     def _run(self, feeds):
         if self.reuse is not None:
             feeds = {**feeds, **self._state_feeds(feeds)}
@@ -243,12 +235,6 @@ class SingleFileModel(FacadeModel):
                 state[f"cache_{k}"] = torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype],
                                                   device=self.device)
         return state
-
-
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
 
 
 def _as_dim(dim: Any) -> int | str:

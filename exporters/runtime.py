@@ -7,6 +7,10 @@ Per call (one denoising step, or one CFG half of it) `SegmentedModel`:
      sample whose gate is off the stream keeps its value: stream = where(gate, block(stream), stream),
      so each sample gets exactly what it would get alone (blocks act per sample);
   4. runs the epilogue and returns its outputs.
+With residual reuse (manifest `reuse`) it also keeps the cache slots on the device, one set per cache
+context (graphopt.reuse.CacheContexts: emptied at a new sampling run), and feeds the prologue their
+validity: a reuse-routed block gives a skipped sample stream + the residual it added when it last ran;
+the cache pass's cached blocks are decided once per step on the host (passes/cache.py `cache_step`).
 It is called like a diffusers transformer (`model(hidden_states=..., timestep=...,
 encoder_hidden_states=..., return_dict=False)[0]`), so it can replace `pipe.transformer`.
 
@@ -122,12 +126,19 @@ class TransformerFacade:
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_: Any) -> Iterator[None]:
-        """diffusers' cache-hook entry point; here it only labels the StepRecords made inside it."""
+        """diffusers' cache-hook entry point: labels the StepRecords made inside it and, for a model
+        that reuses residuals (`self.reuse`, a CacheContexts), selects the cache state `name`."""
+        caches = getattr(self, "reuse", None)
         previous, self._context = self._context, name
+        saved = caches.context if caches is not None else None
+        if caches is not None:
+            caches.context = name
         try:
             yield
         finally:
             self._context = previous
+            if caches is not None:
+                caches.context = saved
 
     def reset_records(self) -> None:
         self.records.clear()
@@ -166,6 +177,9 @@ class SegmentedModel(TransformerFacade):
         self._stream_specs = [manifest.stream_spec(s) for s in manifest.stream]
         self._config = FrozenDict(manifest.config)
         self._input_specs = manifest.inputs
+        from graphopt.reuse import CacheContexts
+
+        self.reuse = CacheContexts() if manifest.reuse is not None else None
 
     # -- gates -------------------------------------------------------------------------------------
 
@@ -222,27 +236,51 @@ class SegmentedModel(TransformerFacade):
         """Run one step on the model inputs (named as in the manifest); returns the named model outputs."""
         start = time.perf_counter()
         env: dict[str, torch.Tensor] = dict(feeds)
+        slots = None
+        if self.reuse is not None:
+            names = self.manifest.reuse
+            slots = self.reuse.begin(feeds[names["timestep"]], feeds[names["latent"]])
+            env[names["valid"]] = torch.tensor(bool(slots), device=self.device)
+        valid = bool(slots)
         env.update(self.prologue(env))
         batch = int(env[self.manifest.stream[0]].shape[0])
         gates = self._host_gates(env, batch)
         executed, skipped = [], []
+        before: dict[str, torch.Tensor] = {}        # the streams entering the last block that ran
         for runner in self.blocks:
             segment = runner.segment
+            entry = segment.reuse or {}
+            if "cache" in entry:
+                ran = self._cached_blocks(runner, entry["cache"], env, before, slots, valid)
+                (executed if ran else skipped).append(segment.block)
+                continue
+            reused = {s: k for s, k in entry.get("slots", {}).items() if k is not None}
+            cached = {s: slots.get(k, torch.zeros_like(env[s])) for s, k in reused.items()}
             sample_mask = None
             if segment.routed:
                 column = gates[:, segment.gate]
                 if not column.any():
                     skipped.append(segment.block)
+                    for s in reused:
+                        env[s] = env[s] + cached[s]
                     continue
                 if not column.all():
                     sample_mask = torch.from_numpy(np.ascontiguousarray(column)).to(self.device)
+            before = {spec.name: env[spec.name] for spec in self._stream_specs}
             out = runner(env)
             for spec in self._stream_specs:
-                new = out[next_name(spec.name)]
+                name = spec.name
+                new = out[next_name(name)]
+                residual = new - env[name] if name in reused else None
                 if sample_mask is not None:
-                    keep_shape = (batch,) + (1,) * (new.dim() - 1)
-                    new = torch.where(sample_mask.view(keep_shape), new, env[spec.name])
-                env[spec.name] = new
+                    keep = sample_mask.view((batch,) + (1,) * (new.dim() - 1))
+                    fallback = env[name] + cached[name] if name in reused else env[name]
+                    new = torch.where(keep, new, fallback)
+                    if residual is not None:
+                        residual = torch.where(keep, residual, cached[name])
+                if residual is not None:
+                    slots[reused[name]] = residual
+                env[name] = new
             executed.append(segment.block)
         outputs = self.epilogue(env)
         if self.device.type == "cuda":
@@ -258,6 +296,26 @@ class SegmentedModel(TransformerFacade):
             )
         )
         return outputs
+
+    def _cached_blocks(self, runner: BlockRunner, rule: Mapping[str, Any], env: dict[str, torch.Tensor],
+                       before: Mapping[str, torch.Tensor], slots: dict, valid: bool) -> bool:
+        """The cache pass's run of cached blocks: compute them or give back their cached residual
+        (updates `env` and `slots`); returns whether they computed."""
+        from graphopt.passes.cache import cache_step
+
+        names = list(rule["streams"])
+        computed: dict[str, torch.Tensor] = {}
+
+        def run(_streams):
+            out = runner(env)
+            computed.update({s.name: out[next_name(s.name)] for s in self._stream_specs})
+            return [computed[s] for s in names]
+
+        first = (before[names[0]], env[names[0]]) if rule["method"] == "first-block" else None
+        finals = cache_step(rule, slots, valid, [env[s] for s in names], first, run)
+        env.update(computed)            # streams the cached blocks pass through unchanged
+        env.update(zip(names, finals))
+        return bool(computed)
 
     def runner_calls(self) -> dict[str, int]:
         """How many times each segment ran since loading, keyed by its file stem."""

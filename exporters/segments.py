@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx
 
-from graphopt import router
+from graphopt import reuse, router
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import next_name
 
@@ -158,6 +158,7 @@ class _SegmentPlan:
     outputs: list[str]
     block: int | None = None
     gate: int | None = None
+    reuse: dict | None = None
 
 
 def plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
@@ -209,7 +210,7 @@ def plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
         return boundary
 
     plans: list[_SegmentPlan] = []
-    for unit in units:
+    for prev, unit in zip([None, *units], units):
         cut = _Cut(gm, writes)
         for node in [*unit.stream_in, *passthrough[unit.name]]:
             cut.bind(node, stream_of[node])
@@ -227,7 +228,8 @@ def plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
             copy.meta.update(cut.env[n].meta)
             by_name[stream_of[n]] = copy
         plans.append(_SegmentPlan("block", f"block_{unit.index:02d}.onnx", cut.module([by_name[s] for s in stream]),
-                                  cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate))
+                                  cut.inputs, [next_name(s) for s in stream], unit.index, unit.gate,
+                                  _reuse_entry(gm, prev, unit, stream_of)))
 
     epi = _Cut(gm, writes)
     for node in current:
@@ -241,6 +243,10 @@ def plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
     pro = _Cut(gm, writes)
     for node in model_inputs:
         pro.bind(node, node.name)
+    begin = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == reuse.STATE_MODULE
+                  and n.args[0] == "begin"), None)
+    if begin is not None:           # the runtime holds the caches and says whether they are valid
+        pro.bind(begin, reuse.VALID_INPUT)
 
     def inside_prologue(node: fx.Node) -> None:
         return None     # everything the prologue needs it computes from the model inputs
@@ -262,6 +268,23 @@ def plan_segments(graph) -> tuple[list[_SegmentPlan], list[str], str | None]:
         names.append(_side_name(node))
     prologue = _SegmentPlan("prologue", "prologue.onnx", pro.module(values), pro.inputs, names)
     return [prologue, *plans, epilogue], stream, gates
+
+
+def _reuse_entry(gm: fx.GraphModule, prev: router.Unit | None, unit: router.Unit,
+                 stream_of: Mapping[fx.Node, str]) -> dict | None:
+    """The manifest's `reuse` entry of a block segment (exporters/manifest.py), or None."""
+    from graphopt.passes.cache import cache_rule
+
+    if unit.cached:
+        rule = {**cache_rule(gm, unit.first), "streams": [stream_of[n] for n in unit.stream_in]}
+        if rule["method"] == "first-block":
+            if prev is None or prev.gate is not None or prev.cached:
+                raise GraphoptError(f"cached blocks '{unit.name}' follow no plain first block: "
+                                    "export with layout='single'")
+        return {"cache": rule}
+    if any(unit.slots):
+        return {"slots": {stream_of[n]: slot for n, slot in zip(unit.stream_in, unit.slots)}}
+    return None
 
 
 def _before_blocks(node: fx.Node, writer: Mapping[fx.Node, router.Unit]) -> bool:

@@ -371,6 +371,10 @@ class Unit:
     body: fx.GraphModule | None = None      # routed: the conditional's run branch
     operands: list[fx.Node] = field(default_factory=list)   # routed: the cond's operands
     members: list[fx.Node] = field(default_factory=list)    # plain: the block's nodes
+    # Reuse: per stream, the cache slot a reuse-routed block's skip reads (None: identity skip);
+    # `cached`: the cache pass's conditional, decided by its rule (passes/cache.py cache_rule).
+    slots: list[str | None] = field(default_factory=list)
+    cached: bool = False
 
 
 def units(graph) -> list[Unit]:
@@ -386,11 +390,14 @@ def units(graph) -> list[Unit]:
         name = n.meta.get("graphopt_routed_block", n.name)
         outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
         if any(u.target is pick for k in outputs for u in outputs[k].users):
-            # The cache pass: one conditional over a run of blocks, decided in the graph.
+            # The cache pass: one conditional over a run of blocks, decided in the graph. Its
+            # stream outputs are pick(compute, out, reused); the stream entering it is the
+            # operand the conditional's output k was paired with (outline keeps their order).
             members = [next(u for u in outputs[k].users if u.target is pick)
                        for k in range(len(outputs))]
-            units.append(Unit(-1, name, n, [m.args[2] for m in members], members,
-                              body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
+            entering = list(n.args[3])[:len(members)]
+            units.append(Unit(-1, name, n, entering, members, body=getattr(gm, n.args[1].target),
+                              operands=list(n.args[3]), cached=True))
             continue
         mixed = []
         for k in range(len(outputs)):
@@ -406,8 +413,10 @@ def units(graph) -> list[Unit]:
             raise GraphoptError(
                 f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
                 "whole samples along axis 0 of the stream: use layout='single'")
-        units.append(Unit(-1, name, n, [m.args[4] for m in mixed], mixed, gate=gate,
-                           body=getattr(gm, n.args[1].target), operands=list(n.args[3])))
+        stream_in, slots = zip(*(_skip_source(m.args[4]) for m in mixed))
+        units.append(Unit(-1, name, n, list(stream_in), mixed, gate=gate,
+                           body=getattr(gm, n.args[1].target), operands=list(n.args[3]),
+                           slots=list(slots)))
     for block in graph.blocks:
         members = graph._nodes(block.nodes)
         units.append(Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
@@ -416,6 +425,19 @@ def units(graph) -> list[Unit]:
     for i, u in enumerate(units):
         u.index = i
     return units
+
+
+def _skip_source(fallback: fx.Node) -> tuple[fx.Node, str | None]:
+    """(the stream entering a routed block, the cache slot its skip adds) from what a skipped
+    sample gets: the stream itself, or with reuse add(stream, read(slot))."""
+    from graphopt.reuse import STATE_MODULE
+
+    if fallback.op == "call_function" and fallback.target is torch.ops.aten.add.Tensor:
+        cached = fallback.args[1]
+        if isinstance(cached, fx.Node) and cached.op == "call_module" \
+                and cached.target == STATE_MODULE and cached.args[0] == "read":
+            return fallback.args[0], cached.args[1]
+    return fallback, None
 
 
 def gates_node(graph) -> fx.Node:

@@ -183,6 +183,58 @@ def mag_advance(step, ratio, count, error, has_residual, *, steps: int):
             has_residual & ~end)
 
 
+def cache_rule(gm: fx.GraphModule, cond: fx.Node) -> dict:
+    """The rule that decides the cache pass's conditional `cond`, read back from the graph (what a
+    runtime outside the graph needs to decide it the same way: `cache_step`)."""
+    compute = cond.args[0]
+    if compute.target is first_block_decision:
+        return {"method": "first-block", "threshold": float(compute.args[3])}
+    decided = compute.args[0]
+    advance = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is mag_advance)
+    return {"method": "mag", **decided.kwargs, "steps": advance.kwargs["steps"]}
+
+
+def cache_step(rule: dict, slots: dict, valid: bool, streams: list[torch.Tensor],
+               first_block: tuple[torch.Tensor, torch.Tensor] | None, run) -> list[torch.Tensor]:
+    """One call of the cache pass's conditional outside the graph (the segmented runtime): the same
+    decision functions and slot updates as the graph's nodes, with the decision on the host.
+
+    `slots`: this cache context's slots (updated in place); `streams`: the streams entering the
+    cached blocks; `first_block`: (input, output) of the first block's primary stream
+    (first-block method); `run(streams) -> streams` computes the cached blocks."""
+    like = streams[0]
+    flag = torch.tensor(valid, device=like.device)
+    if rule["method"] == "first-block":
+        residual = first_block[1] - first_block[0]
+        previous = slots.get("first_block_residual", torch.zeros_like(residual))
+        compute = bool(first_block_decision(flag, residual, previous, rule["threshold"]))
+        slots["first_block_residual"] = residual if compute else previous
+    else:
+        state = [slots.get(key, torch.zeros((), dtype=dtype, device=like.device))
+                 for key, dtype in _MAG_SLOTS]
+        decided = mag_decision(flag, *state, **{k: rule[k] for k in (
+            "ratios", "threshold", "max_skip_steps", "retention_steps")})
+        compute = bool(decided[0])
+        values = list(decided[1:])
+        values[-1] = decided[0] | values[-1]
+        for (key, _), value in zip(_MAG_SLOTS, mag_advance(*values, steps=rule["steps"])):
+            slots[key] = value
+    out = run(streams) if compute else None
+    finals = []
+    for k, s_in in enumerate(streams):
+        if rule["method"] == "mag" and k > 0:
+            finals.append(out[k] if compute else s_in)
+            continue
+        key = f"residual_s{k}"
+        cached = slots.get(key, torch.zeros_like(s_in))
+        if compute:
+            finals.append(out[k])
+            slots[key] = out[k] - s_in
+        else:
+            finals.append(cached + s_in if rule["method"] == "first-block" else s_in + cached)
+    return finals
+
+
 # ---- the rewrite --------------------------------------------------------------------------------
 def cache_blocks(graph, decisions: dict) -> None:
     gm, g = graph.gm, graph.gm.graph

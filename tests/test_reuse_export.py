@@ -1,5 +1,5 @@
-"""Reuse survives export: single-file ONNX of a cache-passed and a reuse-routed model equals the
-eager graph over a whole sampling run in which blocks really are skipped."""
+"""Reuse survives export: single-file and segmented ONNX of a cache-passed and a reuse-routed model
+equal the eager graph over a whole sampling run in which blocks really are skipped."""
 import pytest
 import torch
 
@@ -34,10 +34,10 @@ def wan():
     return capture(build_model("wan").eval())
 
 
-def _export(graph, tmp_path):
+def _export(graph, tmp_path, layout="single"):
     from graphopt.exporters.onnx import export_onnx, load_onnx
 
-    return load_onnx(export_onnx(graph, tmp_path / "onnx"))
+    return load_onnx(export_onnx(graph, tmp_path / "onnx", layout=layout))
 
 
 def test_cache_pass_single_file_onnx_equals_eager_over_a_run(wan, tmp_path):
@@ -60,5 +60,29 @@ def test_reuse_routed_single_file_onnx_equals_eager_over_a_run(wan, tmp_path):
     with router.recording() as history:
         _compare(routed, onnx_model, wan,
                  lambda: sum(not bool(h["run"].all()) for h in history))   # steps with a reuse
+    skipped = [r.skipped for r in onnx_model.records]
+    assert any(skipped) and not skipped[0]           # the first step computes every block
+
+
+def test_cache_pass_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
+    cached = wan.copy()
+    compress(cached, ["cache"], {"cache": {"method": "first-block", "threshold": 0.1}})
+    onnx_model = _export(cached, tmp_path, layout="segmented")
+    cached_blocks = onnx_model.manifest.blocks[-1]
+    assert cached_blocks.reuse["cache"]["method"] == "first-block"
+    _compare(cached, onnx_model, wan, lambda: sum(cached_blocks.block in r.executed
+                                                  for r in onnx_model.records))
+    # The caches live in the runtime, one state per context; a reset empties them.
+    assert onnx_model.reuse.state()["slots"]
+    reset_cache(onnx_model)
+    assert onnx_model.reuse.state()["slots"] == {}
+
+
+def test_reuse_routed_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
+    routed = wan.copy()
+    compress(routed, ["route"], {"route": {"budget": 0.6, "skip": "reuse"}})
+    onnx_model = _export(routed, tmp_path, layout="segmented")
+    assert all(b.reuse["slots"] for b in onnx_model.manifest.blocks)
+    _compare(routed, onnx_model, wan, lambda: sum(bool(r.skipped) for r in onnx_model.records))
     skipped = [r.skipped for r in onnx_model.records]
     assert any(skipped) and not skipped[0]           # the first step computes every block
