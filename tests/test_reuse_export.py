@@ -1,11 +1,13 @@
 """Reuse survives export: single-file and segmented ONNX of a cache-passed and a reuse-routed model
 equal the eager graph over a whole sampling run in which blocks really are skipped."""
+import dataclasses
+
 import pytest
 import torch
 
 from graphopt import capture, compress, rel_error
-from graphopt.families import build_model
-from graphopt.reuse import reset_cache
+from graphopt.families import FAMILIES, build_model
+from graphopt.reuse import cache_context, reset_cache
 
 pytest.importorskip("onnxruntime")
 
@@ -78,11 +80,42 @@ def test_cache_pass_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
     assert onnx_model.reuse.state()["slots"] == {}
 
 
-def test_reuse_routed_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
-    routed = wan.copy()
-    compress(routed, ["route"], {"route": {"budget": 0.6, "skip": "reuse"}})
-    onnx_model = _export(routed, tmp_path, layout="segmented")
+def test_reuse_routed_segmented_onnx_equals_eager_per_sample_and_per_context(tmp_path):
+    """Batch 2 with gates that differ per sample (a skipped sample gets stream + its own cached
+    residual, the other the block's output), CFG as two calls with their own cache states."""
+    spec = dataclasses.replace(FAMILIES["wan"].default_spec, batch=2)
+    graph = capture(build_model("wan"), spec=spec, dynamic_batch=True)
+    compress(graph, ["route"], {"route": {"budget": 0.6, "skip": "reuse"}})
+    onnx_model = _export(graph, tmp_path, layout="segmented")
     assert all(b.reuse["slots"] for b in onnx_model.manifest.blocks)
-    _compare(routed, onnx_model, wan, lambda: sum(bool(r.skipped) for r in onnx_model.records))
-    skipped = [r.skipped for r in onnx_model.records]
-    assert any(skipped) and not skipped[0]           # the first step computes every block
+    gen = torch.Generator().manual_seed(0)
+    inputs = {k: torch.randn(v.shape, generator=gen) if k != graph.timestep_input else v
+              for k, v in graph.example_inputs.items() if isinstance(v, torch.Tensor)}
+    x_eager, x_onnx = inputs[graph.latent_input].clone(), inputs[graph.latent_input].clone()
+    errors = []
+    for i, t in enumerate(torch.linspace(999.0, 50.0, 6)):
+        on = torch.ones(2, 2, dtype=torch.bool)
+        mask = on if i == 0 else torch.tensor([[True, False], [False, True]]) ^ bool(i % 2)
+        graph.gm.router.force_gates = onnx_model.force_gates = mask
+        step = {**inputs, graph.timestep_input: torch.full((2,), float(t))}
+        for context in ("cond", "uncond"):
+            with torch.no_grad(), cache_context(graph, context), onnx_model.cache_context(context):
+                a = graph(**{**step, graph.latent_input: x_eager}, return_dict=False)[0]
+                b = onnx_model(**{**step, graph.latent_input: x_onnx}, return_dict=False)[0]
+            errors.append(rel_error(b, a))
+        x_eager, x_onnx = x_eager - 0.05 * a, x_onnx - 0.05 * b
+    assert max(errors) < 1e-5
+    assert set(onnx_model.reuse.contexts) == {"cond", "uncond"}
+    assert [r.skipped for r in onnx_model.records][:2] == [(), ()]
+
+
+@pytest.mark.slow
+def test_mag_cache_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
+    cached = wan.copy()
+    compress(cached, ["cache"], {"cache": {"method": "mag", "threshold": 0.3,
+                                           "num_inference_steps": 10}})
+    onnx_model = _export(cached, tmp_path, layout="segmented")
+    cached_blocks = onnx_model.manifest.blocks[-1]
+    assert cached_blocks.reuse["cache"]["method"] == "mag"
+    _compare(cached, onnx_model, wan, lambda: sum(cached_blocks.block in r.executed
+                                                  for r in onnx_model.records))
