@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from graphopt.dropin import FacadeModel, fixed_inputs, input_specs
+from graphopt import reuse
+from graphopt.dropin import FacadeModel, fixed_inputs, input_specs, spec_of
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import TensorSpec
 from graphopt.io import scratch_dir
@@ -42,7 +43,7 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
     """Compile `graph` (plain or compressed, routed included) into the AOTInductor package `path`."""
     from tqdm.auto import tqdm
 
-    from graphopt.router import add_gates_output, block_table, gates_node
+    from graphopt.router import add_gates_output, add_output, block_table, gates_node, units
 
     path = Path(path)
     if path.suffix != ".pt2":
@@ -57,11 +58,26 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
                             "graphopt.load, or stream the weights in first")
     source = graph.copy()
     router = getattr(source.gm, "router", None)
+    gm = source.gm
     if router is not None:
         router.eval()
         router.record = False
-        add_gates_output(source.gm, gates_node(source))
+        add_gates_output(gm, gates_node(source))
+    # The cache pass's decision (did its blocks compute?) as an output, for the per-call records.
+    decision = next((u.first.args[0] for u in units(source) if u.cached), None)
+    if decision is not None:
+        add_output(gm, decision)
     inputs = {k: v for k, v in source.example_inputs.items()}
+    state = None
+    if reuse.reuses(source):
+        # The cache slots become inputs and outputs (graphopt.reuse.lift_state) that the loaded
+        # model threads from call to call, as the single-file ONNX model does.
+        slots = reuse.slot_examples(source)
+        gm, keys = reuse.lift_state(gm)
+        inputs.update({reuse.VALID_INPUT: torch.tensor(False), **{f"cache_{k}": slots[k] for k in keys}})
+        lifted = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+        state = {"slots": keys, "timestep": source.timestep_input, "latent": source.latent_input,
+                 "specs": [spec_of(f"cache_{k}", lifted[f"cache_{k}"]).to_json() for k in keys]}
     metadata = {
         f"{META}.config": json.dumps(source.recipe.model.get("config") or {}),
         f"{META}.inputs": json.dumps([s.to_json() for s in input_specs(source)]),
@@ -71,12 +87,13 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
         f"{META}.router": json.dumps(None if router is None else {
             "budget": router.budget,
             "force_gates": None if router.force_gates is None else router.force_gates.tolist()}),
+        f"{META}.reuse": json.dumps(state),
     }
     with scratch_dir(path, what="graphopt export_aoti") as tmp:
         with tqdm(total=2, desc="AOTInductor", unit="stage", leave=False) as bar:
             bar.set_postfix_str("torch.export")
             try:
-                program = torch.export.export(source.gm, (), inputs, strict=False)
+                program = torch.export.export(gm, (), inputs, strict=False)
             except Exception as e:  # torch.export reports failures in many exception types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise GraphoptError(f"torch.export of the compressed graph failed: {first}") from e
@@ -126,15 +143,25 @@ class AOTIModel(FacadeModel):
                          json.loads(meta[f"{META}.blocks"]))
         self.fixed = json.loads(meta[f"{META}.fixed"])
         self.router = json.loads(meta[f"{META}.router"])
+        state = json.loads(meta.get(f"{META}.reuse", "null"))
+        self.thread_state(state, [TensorSpec.from_json(s) for s in state["specs"]] if state else [])
         compiled_for = meta.get("AOTI_DEVICE_KEY", "cpu")
         self.device = torch.device(compiled_for if index is None else f"{compiled_for}:{index}")
         self.path = path
 
     def _run(self, feeds):
+        if self.reuse is not None:
+            feeds = {**feeds, **self.state_feeds(feeds)}
         out = tuple(self.package(**feeds, **self.fixed))
+        if self.reuse is not None:
+            self.keep_state(out[len(out) - len(self.state["slots"]):])
+            out = out[:len(out) - len(self.state["slots"])]
+        computed = None
+        if any(cached for _, _, cached in self.blocks):
+            computed, out = bool(out[-1]), out[:-1]
         if self.router is None:
-            return out, None
-        return out[:-1], out[-1].cpu().numpy().astype(np.bool_)
+            return out, None, computed
+        return out[:-1], out[-1].cpu().numpy().astype(np.bool_), computed
 
 
 @contextlib.contextmanager

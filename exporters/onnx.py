@@ -59,6 +59,7 @@ BATCH = "batch"
 # TensorRT optimization-profile range written for the batch axis: min 1, opt 2 (one CFG pair), max 8.
 BATCH_RANGE = DimRange(1, 2, 8)
 META_CONFIG, META_BLOCKS, META_FIXED = "graphopt.config", "graphopt.blocks", "graphopt.fixed_inputs"
+COMPUTED_NAME = "cache_computed"     # single file: whether the cache pass's blocks computed
 META_REUSE = "graphopt.reuse"      # the cache slots a reusing model threads from step to step
 _EXPORT_BATCH = 2
 
@@ -352,12 +353,17 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
     gm = graph.gm
     if routed:
         router.add_gates_output(gm, router.gates_node(graph))
-    output_names = [OUTPUT_NAME] + ([GATES_NAME] if routed else [])
-    pick = (lambda out: (out[0], out[-1])) if routed else (lambda out: out[0])
+    # The cache pass's decision (did its blocks compute?) as an output, for the per-call records.
+    decision = next((u.first.args[0] for u in router.units(graph) if u.cached), None)
+    if decision is not None:
+        router.add_output(gm, decision)
+    extra = [GATES_NAME] * routed + [COMPUTED_NAME] * (decision is not None)
+    output_names = [OUTPUT_NAME] + extra
+    pick = (lambda out: (out[0], *out[len(out) - len(extra):])) if extra else (lambda out: out[0])
     batch_axes = [[0] if dynamic and v.dim() > 0 else [] for v in inputs.values()]
     metadata = {}
     if reuse.reuses(graph):
-        slots = _slot_examples(graph)
+        slots = reuse.slot_examples(graph)
         gm, keys = reuse.lift_state(gm)
         state_names = [reuse.VALID_INPUT] + [f"cache_{k}" for k in keys]
         inputs.update(zip(state_names, [torch.tensor(False)] + [slots[k] for k in keys]))
@@ -366,8 +372,7 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
                               for k in keys]
         output_names += [f"next_{k}" for k in keys]
         flat = len(gm.graph.output_node().args[0]) - len(keys)     # the model's own outputs
-        pick = (lambda out: (out[0], out[flat - 1], *out[flat:])) if routed else \
-            (lambda out: (out[0], *out[flat:]))
+        pick = lambda out: (out[0], *out[flat - len(extra):flat], *out[flat:])  # noqa: E731
         metadata[META_REUSE] = json.dumps({"slots": keys, "timestep": graph.timestep_input,
                                            "latent": graph.latent_input})
     module = _named(gm, names, fixed=fixed_inputs(graph), pick=pick, keyword=True)
@@ -377,18 +382,6 @@ def _export_single(graph, path: Path, dynamic: bool, opset: int) -> None:
         _save(program, path, {META_CONFIG: _config_json(graph), META_BLOCKS: json.dumps(router.block_table(graph)),
                               META_FIXED: json.dumps(_fixed_json(graph)), **metadata})
         bar.update()
-
-
-def _slot_examples(graph) -> dict[str, torch.Tensor]:
-    """The cache slots after one eager call on the example inputs (their shapes and dtypes)."""
-    from graphopt.reuse import STATE_MODULE, reset_cache
-
-    reset_cache(graph)
-    with torch.no_grad():
-        graph(**graph.example_inputs)
-    slots = dict(getattr(graph.gm, STATE_MODULE).state()["slots"])
-    reset_cache(graph)
-    return slots
 
 
 def _batch_major(gm, name: str) -> bool:

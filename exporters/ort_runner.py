@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from graphopt.dropin import FacadeModel
+from graphopt.dropin import FacadeModel, state_input_names
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import (
     ONNX_ELEM_TYPES,
@@ -28,7 +28,7 @@ from graphopt.exporters.manifest import (
     TensorSpec,
     compare_io,
 )
-from graphopt.exporters.onnx import META_BLOCKS, META_CONFIG, META_FIXED, META_REUSE
+from graphopt.exporters.onnx import COMPUTED_NAME, META_BLOCKS, META_CONFIG, META_FIXED, META_REUSE
 from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, check_fixed_inputs
 from graphopt.exporters.segments import GATES_NAME
 
@@ -187,25 +187,21 @@ class SingleFileModel(FacadeModel):
         if META_BLOCKS not in meta:
             raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
                                 "re-export it")
-        from graphopt.reuse import VALID_INPUT, CacheContexts
-
-        # A reusing model threads its cache slots from call to call (inputs cache_<slot>, outputs
-        # next_<slot>), one set per cache context, emptied at a new sampling run.
-        self.state = json.loads(meta.get(META_REUSE, "null"))
-        slots = self.state["slots"] if self.state else []
-        state_inputs = {VALID_INPUT, *(f"cache_{k}" for k in slots)}
+        state = json.loads(meta.get(META_REUSE, "null"))
+        slots = state["slots"] if state else []
+        state_inputs = state_input_names(slots) if state else set()
         super().__init__(json.loads(meta.get(META_CONFIG, "{}")),
                          [spec for spec in segment.inputs if spec.name not in state_inputs],
                          json.loads(meta[META_BLOCKS]))
-        self.state_specs = {spec.name: spec for spec in segment.inputs if spec.name in state_inputs}
-        self.reuse = CacheContexts() if self.state else None
+        self.thread_state(state, [spec for spec in segment.inputs if spec.name in state_inputs])
         self.device = torch.device(device)
         self.runner = OrtRunner(path, segment, self.device, providers, session_options)
         self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
         nexts = {f"next_{k}" for k in slots}
         self.outputs = [spec.name for spec in segment.outputs
-                        if spec.name != GATES_NAME and spec.name not in nexts]
+                        if spec.name not in (GATES_NAME, COMPUTED_NAME) and spec.name not in nexts]
         self.routed = any(spec.name == GATES_NAME for spec in segment.outputs)
+        self.decides = any(spec.name == COMPUTED_NAME for spec in segment.outputs)
 
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         check_fixed_inputs(self.fixed, kwargs, "ONNX model")
@@ -213,28 +209,13 @@ class SingleFileModel(FacadeModel):
 
     def _run(self, feeds):
         if self.reuse is not None:
-            feeds = {**feeds, **self._state_feeds(feeds)}
+            feeds = {**feeds, **self.state_feeds(feeds)}
         out = self.runner(feeds)
         if self.reuse is not None:
-            self.reuse.state()["slots"] = {k: out[f"next_{k}"] for k in self.state["slots"]}
+            self.keep_state([out[f"next_{k}"] for k in self.state["slots"]])
         gates = out[GATES_NAME].cpu().numpy() if self.routed else None
-        return tuple(out[name] for name in self.outputs), gates
-
-    def _state_feeds(self, feeds) -> dict[str, torch.Tensor]:
-        from graphopt.reuse import VALID_INPUT
-
-        slots = self.reuse.begin(feeds[self.state["timestep"]], feeds[self.state["latent"]])
-        batch = feeds[self.state["latent"]].shape[0]
-        state = {VALID_INPUT: torch.tensor(bool(slots), device=self.device)}
-        for k in self.state["slots"]:
-            spec = self.state_specs[f"cache_{k}"]
-            if slots:
-                state[f"cache_{k}"] = slots[k]
-            else:
-                shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
-                state[f"cache_{k}"] = torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype],
-                                                  device=self.device)
-        return state
+        computed = bool(out[COMPUTED_NAME]) if self.decides else None
+        return tuple(out[name] for name in self.outputs), gates, computed
 
 
 def _as_dim(dim: Any) -> int | str:

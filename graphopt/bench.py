@@ -4,15 +4,17 @@ For each backend — `torch` (eager PyTorch, always), `onnxruntime` (the single-
 one `If` per routed block; where onnxruntime is installed), `aoti` (AOTInductor; on request, as
 compiling takes a minute or more per model on a CPU) — and for the original and the compressed model:
 
-- FLOPs per step: the cost model's (`graphopt.cost`); for a routed model, the mean over the workload's
-  steps of the FLOPs it executed, from the router's decisions (a routed block counts when its
-  conditional ran, i.e. when any sample of the batch needed it). Backend-independent: every backend
-  runs the same router on the same inputs.
-- latency per step: the workload is `steps` calls at the timesteps a flow-matching Euler sampler of
-  that many steps visits, on seeded random latents and text states of the compressed model's
-  captured shapes (one call = one denoising step at that batch); latency = median over `repeats`
-  workload runs ÷ steps, after `warmup` runs, every configuration of every backend interleaved in
-  each repeat so drift hits them alike.
+- the workload is one whole sampling run: `steps` calls of a flow-matching Euler sampler (x ← x +
+  (σ' − σ)·v, each model integrating its own outputs), from seeded random latents and text states
+  of the compressed model's captured shapes (one call = one denoising step at that batch). A cache
+  or reuse-routed model therefore sees what it sees in a pipeline: a new run (every block computes
+  at its first step) and steps whose inputs really drift.
+- FLOPs: executed, counted with torch's FlopCounterMode over that run in eager PyTorch, call by
+  call (`flops_per_call`; `flops_per_step` is their mean), and per call the blocks that computed
+  and those that were skipped or reused (`blocks_per_call`, from the model's StepRecords).
+  Backend-independent: every backend runs the same decisions in the graph on the same inputs.
+- latency per step: median over `repeats` whole runs ÷ steps, after `warmup` runs, every
+  configuration of every backend interleaved in each repeat so drift hits them alike.
 - speedup = latency(original) / latency(compressed); FLOPs speedup = FLOPs(original) /
   FLOPs(compressed); efficiency = speedup / FLOPs speedup (1: time falls exactly as FLOPs do).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,11 +100,35 @@ def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool 
     return base, compressed
 
 
-def workload(graph, steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Per step, the tensor inputs of one denoising call (see the module docstring)."""
+@dataclass
+class Workload:
+    """One sampling run's inputs: the model's tensor inputs at the start (`inputs`), the timestep
+    of each call and the flow-matching sigmas (one more than the calls)."""
+
+    inputs: dict[str, torch.Tensor]
+    timesteps: list[torch.Tensor]
+    sigmas: list[float]
+    latent: str
+    timestep: str
+
+    def run(self, model, each=None) -> torch.Tensor:
+        """Euler-sample with `model` (called like the diffusers transformer); `each(call)` wraps
+        every call (e.g. to count its FLOPs). Returns the final latent."""
+        x = self.inputs[self.latent]
+        for i, t in enumerate(self.timesteps):
+            def call(x=x, t=t):
+                return model(**{**self.inputs, self.latent: x, self.timestep: t}, return_dict=False)[0]
+
+            v = torch.as_tensor(each(call) if each is not None else call()).to(x)
+            x = x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+        return x
+
+
+def workload(graph, steps: int, seed: int = 0) -> Workload:
+    """The sampling run every model of the benchmark makes (see the module docstring)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    t_name = _t_name(graph)
+    t_name = graph.timestep_input
     gen = torch.Generator().manual_seed(seed)
     base = {}
     for k, v in graph.example_inputs.items():
@@ -112,23 +139,32 @@ def workload(graph, steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     example_t = graph.example_inputs[t_name]
-    return [{**base, t_name: torch.full_like(example_t, float(t) if example_t.is_floating_point()
-                                             else round(float(t)))}
-            for t in scheduler.timesteps]
+    timesteps = [torch.full_like(example_t, float(t) if example_t.is_floating_point() else round(float(t)))
+                 for t in scheduler.timesteps]
+    return Workload(base, timesteps, [float(s) for s in scheduler.sigmas], graph.latent_input, t_name)
 
 
-def executed_flops(graph, inputs: list[dict]) -> list[int]:
-    """FLOPs each call executes: the cost model's for a dense graph, the router's decisions else."""
-    from graphopt.cost import model_cost
-    from graphopt.dropin import fixed_inputs
+def executed_flops(graph, work: Workload) -> tuple[list[int], list[dict]]:
+    """(FLOPs each call of the run executes, counted with FlopCounterMode in eager PyTorch; per
+    call the blocks that computed and those skipped or reused, from the StepRecords)."""
+    from graphopt.dropin import GraphTransformer
+    from graphopt.reuse import reset_cache
+    from graphopt.yardstick import count_flops
 
-    router = getattr(graph.gm, "router", None)
-    if router is None:
-        return [model_cost(graph).flops] * len(inputs)
-    with router.recording(), torch.no_grad():
-        for feed in inputs:
-            graph.gm(**feed, **fixed_inputs(graph))
-        return [s["executed_flops"] for s in router.step_flops()]
+    model = GraphTransformer(graph)
+    reset_cache(graph)
+    flops = []
+
+    def counted(call):
+        out, n = count_flops(call)
+        flops.append(n)
+        return out
+
+    with torch.no_grad():
+        work.run(model, counted)
+    reset_cache(graph)
+    blocks = [{"executed": list(r.executed), "skipped": list(r.skipped)} for r in model.records]
+    return flops, blocks
 
 
 def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, repeats: int = 5,
@@ -143,9 +179,9 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
     from graphopt.dropin import GraphTransformer
 
     check_options(backends, steps, repeats, warmup)
-    inputs = workload(compressed, steps)
-    flops = {"original": executed_flops(original, inputs),
-             "compressed": executed_flops(compressed, inputs)}
+    work = workload(compressed, steps)
+    (original_flops, _), (compressed_flops, blocks) = (executed_flops(g, work) for g in (original, compressed))
+    flops = {"original": original_flops, "compressed": compressed_flops}
     device = next((p.device for p in compressed.gm.parameters()), torch.device("cpu"))
     models, skipped = {}, {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -163,8 +199,7 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
 
         def run(model):
             def call():
-                for feed in inputs:
-                    model(**feed, return_dict=False)
+                work.run(model)         # each run starts at the top timestep: a new run
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             return call
@@ -183,17 +218,14 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
                      "speedup": speedup, "efficiency": speedup / flop_speedup})
     return {
         "original": original.source, "compressed": compressed.source,
-        "input_shapes": {k: list(v.shape) for k, v in inputs[0].items()},
+        "input_shapes": {k: list(v.shape) for k, v in work.inputs.items()},
         "device": str(device), "threads": torch.get_num_threads(),
         "steps": steps, "repeats": repeats, "warmup": warmup,
-        "timesteps": [float(f[_t_name(compressed)].flatten()[0]) for f in inputs],
+        "timesteps": [float(t.flatten()[0]) for t in work.timesteps],
         "flops_per_step": mean, "flops_per_call": flops, "flops_speedup": flop_speedup,
+        "blocks_per_call": blocks,
         "backends": rows, "skipped": skipped,
     }
-
-
-def _t_name(graph) -> str:
-    return graph.family.timestep_input if graph.family is not None else "timestep"
 
 
 class _Unavailable(Exception):

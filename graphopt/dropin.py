@@ -41,14 +41,25 @@ def input_specs(graph) -> tuple[TensorSpec, ...]:
     for p in graph.placeholders():
         if p.name not in examples:
             continue
-        val = p.meta.get("val", examples[p.name])
-        shape = tuple(BATCH if isinstance(d, torch.SymInt) and i == 0 else int(d)
-                      for i, d in enumerate(val.shape))
-        if val.dtype not in _DTYPE_NAMES:
-            raise GraphoptError(f"model input '{p.name}' is {val.dtype}; graphopt's runtimes take "
-                                f"{sorted(TORCH_DTYPES)}")
-        specs.append(TensorSpec(p.name, _DTYPE_NAMES[val.dtype], shape))
+        specs.append(spec_of(p.name, p.meta.get("val", examples[p.name])))
     return tuple(specs)
+
+
+def spec_of(name: str, val: torch.Tensor) -> TensorSpec:
+    """The spec of graph input `name` with (fake) value `val`; a symbolic axis 0 is named BATCH."""
+    shape = tuple(BATCH if isinstance(d, torch.SymInt) and i == 0 else int(d)
+                  for i, d in enumerate(val.shape))
+    if val.dtype not in _DTYPE_NAMES:
+        raise GraphoptError(f"model input '{name}' is {val.dtype}; graphopt's runtimes take "
+                            f"{sorted(TORCH_DTYPES)}")
+    return TensorSpec(name, _DTYPE_NAMES[val.dtype], shape)
+
+
+def state_input_names(slots: Sequence[str]) -> set[str]:
+    """The inputs a lifted reuse state adds (graphopt.reuse.lift_state)."""
+    from graphopt.reuse import VALID_INPUT
+
+    return {VALID_INPUT, *(f"cache_{k}" for k in slots)}
 
 
 def fixed_inputs(graph) -> dict[str, Any]:
@@ -64,12 +75,46 @@ class FacadeModel(TransformerFacade):
     def __init__(self, config: Mapping[str, Any], specs: Sequence[TensorSpec], blocks: Sequence[dict]):
         self._config = FrozenDict(config)
         self._input_specs = tuple(specs)
-        self.blocks = [(b["block"], b["gate"]) for b in blocks]
+        self.blocks = [(b["block"], b["gate"], b.get("cached", False)) for b in blocks]
         self._context: str | None = None
         self.records = RecentRecords()
+        self.reuse = self.state = None
 
-    def _run(self, feeds: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
-        """(model outputs, the router's hard gates [batch, n_routed] on the host, or None)."""
+    # -- residual reuse in a compiled model: the cache slots as inputs and outputs ------------------
+    def thread_state(self, state: Mapping[str, Any] | None, specs: Sequence[TensorSpec]) -> None:
+        """A model whose reuse state was lifted (graphopt.reuse.lift_state) threads its slots from
+        call to call: inputs `cache_valid` and `cache_<slot>` (`specs`), one set per cache context,
+        emptied at a new sampling run. `state`: {"slots", "timestep", "latent"} or None."""
+        from graphopt.reuse import CacheContexts
+
+        self.state = state
+        self.state_specs = {spec.name: spec for spec in specs}
+        self.reuse = CacheContexts() if state else None
+
+    def state_feeds(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from graphopt.reuse import VALID_INPUT
+
+        slots = self.reuse.begin(feeds[self.state["timestep"]], feeds[self.state["latent"]])
+        batch = feeds[self.state["latent"]].shape[0]
+        state = {VALID_INPUT: torch.tensor(bool(slots), device=self.device)}
+        for k in self.state["slots"]:
+            spec = self.state_specs[f"cache_{k}"]
+            if slots:
+                state[f"cache_{k}"] = slots[k]
+            else:
+                shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
+                state[f"cache_{k}"] = torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype],
+                                                  device=self.device)
+        return state
+
+    def keep_state(self, values: Sequence[torch.Tensor]) -> None:
+        """The slots' next values (the lifted outputs, in slot order) for this context's next call."""
+        self.reuse.state()["slots"] = dict(zip(self.state["slots"], values))
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None,
+                                                            bool | None]:
+        """(model outputs, the router's hard gates [batch, n_routed] on the host or None, whether
+        the cache pass's cached blocks computed or None)."""
         raise NotImplementedError
 
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
@@ -79,13 +124,19 @@ class FacadeModel(TransformerFacade):
         feeds = model_feeds(self._input_specs, BATCH, self.device, kwargs, self.what)
         start = time.perf_counter()
         with torch.no_grad():
-            values, gates = self._run(feeds)
+            values, gates, computed = self._run(feeds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         ran = gates.any(0) if gates is not None else None
-        executed = tuple(b for b, g in self.blocks if g is None or (ran is not None and ran[g]))
-        skipped = tuple(b for b, g in self.blocks if g is not None and ran is not None and not ran[g])
+
+        def runs(gate, cached):
+            if cached:
+                return computed is not False
+            return gate is None or (ran is not None and bool(ran[gate]))
+
+        executed = tuple(b for b, g, c in self.blocks if runs(g, c))
+        skipped = tuple(b for b, g, c in self.blocks if not runs(g, c))
         self.records.append(StepRecord(self.records.total, self._context, executed, skipped, gates,
                                        seconds))
         return Transformer2DModelOutput(sample=values[0]) if return_dict else values
@@ -115,6 +166,7 @@ class GraphTransformer(FacadeModel):
         self.router = getattr(graph.gm, "router", None)
         if self.router is not None:
             self.router.record = True
+        self._watch_cached_blocks()
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_: Any) -> Iterator[None]:
@@ -131,16 +183,33 @@ class GraphTransformer(FacadeModel):
         `calibrate=True` graphopt's own calibration over `num_inference_steps`)."""
         from graphopt.compress import compress
 
+        from graphopt.router import block_table
+
         compress(self.graph, ["cache"], {"cache": cache_options(config)})
+        self.blocks = [(b["block"], b["gate"], b["cached"]) for b in block_table(self.graph)]
+        self._watch_cached_blocks()
+
+    def _watch_cached_blocks(self) -> None:
+        """A forward hook on the cache pass's run branch tells each call whether it computed."""
+        from graphopt.router import units
+
+        self._computed = None
+        for unit in units(self.graph):
+            if unit.cached:
+                self._computed = False
+                branch = getattr(self.graph.gm, unit.first.args[1].target)
+                branch.register_forward_hook(lambda *_: setattr(self, "_computed", True))
 
     def _run(self, feeds):
         seen = self.router.history.total if self.router is not None else 0
+        if self._computed is not None:
+            self._computed = False
         out = self.graph.gm(**feeds, **self.fixed)
         values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         gates = None
         if self.router is not None and self.router.history.total > seen:
             gates = self.router.history[-1]["gates"].numpy()
-        return values, gates
+        return values, gates, self._computed
 
 
 def cache_options(config) -> dict:

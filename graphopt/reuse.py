@@ -192,6 +192,17 @@ def _holders(model):
                 yield h
 
 
+def slot_examples(graph) -> dict[str, torch.Tensor]:
+    """The cache slots after one eager call on the example inputs (their shapes and dtypes), for
+    an exporter tracing the lifted graph."""
+    reset_cache(graph)
+    with torch.no_grad():
+        graph(**graph.example_inputs)
+    slots = dict(getattr(graph.gm, STATE_MODULE).state()["slots"])
+    reset_cache(graph)
+    return slots
+
+
 def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of `gm` whose cache state is explicit: `cache_valid` and one `cache_<key>` input per
     read slot come after the model's inputs, one `cache_<key>` output per written slot after its

@@ -453,11 +453,17 @@ def gates_node(graph) -> fx.Node:
 def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
     """Append bool(gates > 0.5) to the graph's output tuple (the router's hard decisions)."""
     g = gm.graph
-    out = g.output_node()
-    with g.inserting_before(out):
+    with g.inserting_before(g.output_node()):
         hard = g.call_function(torch.ops.aten.gt.Scalar, (gates, 0.5))
+    add_output(gm, hard)
+
+
+def add_output(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Append `node` to the graph's output tuple."""
+    g = gm.graph
+    out = g.output_node()
     values = tuple(out.args[0])
-    out.args = ((*values, hard),)
+    out.args = ((*values, node),)
     codegen = g._codegen
     if getattr(codegen, "pytree_info", None) is not None:      # an exported module rebuilds its outputs
         from torch.utils import _pytree as pytree
@@ -468,5 +474,6 @@ def add_gates_output(gm: fx.GraphModule, gates: fx.Node) -> None:
 
 
 def block_table(graph) -> list[dict]:
-    """[{"block": i, "gate": column or None}] in execution order, from the units of the graph."""
-    return [{"block": u.index, "gate": u.gate} for u in units(graph)]
+    """[{"block": i, "gate": column or None, "cached": bool}] in execution order, from the units of
+    the graph (`cached`: the cache pass's run of blocks, computed or reused once per call)."""
+    return [{"block": u.index, "gate": u.gate, "cached": u.cached} for u in units(graph)]

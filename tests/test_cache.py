@@ -318,3 +318,35 @@ def test_reuse_schedule_search_and_its_router_agree(models):
         for s in range(4):
             x = run.step(x, s)
     assert torch.equal(torch.stack([h["gates"][0] for h in history]), fit["computes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, method, layout", [
+    *((f, m, "single") for f in FIRST_BLOCK for m in ("first-block", "mag")),
+    ("hunyuan-video", "first-block", "segmented"),      # two streams, one ends inside the cache
+    ("ltx-video", "mag", "segmented")])
+def test_exported_cache_equals_diffusers_hook_in_onnxruntime(family, method, layout, models,
+                                                             tmp_path):
+    """The oracle again, through export: onnxruntime running the exported cache-passed model
+    gives diffusers' hook outputs step by step (the state threaded as ONNX inputs/outputs, or
+    kept by the segmented runtime)."""
+    pytest.importorskip("onnxruntime")
+    from graphopt.exporters.onnx import export_onnx, load_onnx
+
+    model, graph = models(family)
+    if method == "first-block":
+        options = {"method": method, "threshold": FIRST_BLOCK[family]}
+        config = FirstBlockCacheConfig(threshold=FIRST_BLOCK[family])
+    else:
+        options = {"method": method, "threshold": MAG[family], "num_inference_steps": STEPS,
+                   "mag_ratios": RATIOS}
+        config = MagCacheConfig(threshold=MAG[family], num_inference_steps=STEPS,
+                                mag_ratios=RATIOS)
+    cached = graph.copy()
+    compress(cached, ["cache"], {"cache": options})
+    exported = load_onnx(export_onnx(cached, tmp_path / "onnx", layout=layout))
+    inputs = _conditions(graph)
+    ours = [torch.as_tensor(o) for o in _run(exported, graph, inputs)]
+    theirs = _diffusers_run(model, config, inputs, graph)
+    for a, b in zip(ours, theirs):
+        assert rel_error(a, b) < 1e-5

@@ -119,3 +119,18 @@ def test_mag_cache_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
     assert cached_blocks.reuse["cache"]["method"] == "mag"
     _compare(cached, onnx_model, wan, lambda: sum(cached_blocks.block in r.executed
                                                   for r in onnx_model.records))
+
+
+@pytest.mark.slow
+def test_cache_pass_aoti_package_equals_eager_over_a_run(wan, tmp_path):
+    """AOTInductor: the lifted state threaded by the loaded package, as in single-file ONNX; its
+    records say at which steps the cached blocks computed."""
+    from graphopt.exporters.aoti import export_aoti, load_aoti
+
+    cached = wan.copy()
+    compress(cached, ["cache"], {"cache": {"method": "first-block", "threshold": 0.1}})
+    package = load_aoti(export_aoti(cached, tmp_path / "model.pt2"))
+    assert package.state["slots"] == ["first_block_residual", "residual_s0"]
+    _compare(cached, package, wan, lambda: sum(1 in r.executed for r in package.records))
+    reset_cache(package)
+    assert package.reuse.state()["slots"] == {}
