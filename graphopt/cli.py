@@ -66,7 +66,13 @@ def cmd_inspect(args) -> int:
 
     from graphopt.describe import describe, render
 
-    graph = _capture_from_args(args)
+    folder = Path(args.model)
+    if (folder / "recipe.json").is_file() and not args.meta:
+        from graphopt.serialize import load
+
+        graph = load(folder)             # a compressed folder: the model its recipe made
+    else:
+        graph = _capture_from_args(args)
     info = describe(graph)
     if args.json:
         print(json.dumps(info, indent=2))

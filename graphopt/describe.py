@@ -44,7 +44,15 @@ def describe(graph) -> dict:
                    "params": cost.params, "param_bytes": cost.param_bytes,
                    "batch": spec.batch if spec is not None else None},
         "recipe_steps": [s["pass"] for s in graph.recipe.steps],
+        # What each step changed, in the words of its pass (a compressed model).
+        "recipe": [line for s in graph.recipe.steps for line in _described(s)],
     }
+
+
+def _described(step: dict) -> list[str]:
+    from graphopt.pass_manager import get_pass
+
+    return get_pass(step["pass"])().describe(step["decisions"])
 
 
 def human(n: float) -> str:
@@ -76,6 +84,8 @@ def render(info: dict, console) -> None:
         f"params {human(tot['params'])} ({human(tot['param_bytes'])}B), batch {tot['batch']}; "
         f"video tokens {'x'.join(map(str, layout)) if layout else 'unknown'} (frames x h x w); "
         f"timestep embedding at node '{info['timestep_embedding']}'")
+    for line in info.get("recipe", []):
+        console.print(line.removeprefix("- "), markup=False)
     blocked = [a for a in info["attentions"] if not a["prunable"]]
     for a in blocked:
         console.print(f"[yellow]not prunable[/]: {a['name']}: {a['why_not']}")
