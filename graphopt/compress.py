@@ -5,7 +5,7 @@ import json
 
 from graphopt.cost import model_cost
 from graphopt.describe import human
-from graphopt.pass_manager import PassManager, get_pass
+from graphopt.pass_manager import PassManager, get_transform
 
 
 def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, verify=False,
@@ -17,12 +17,13 @@ def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, ve
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"options given for pass(es) {sorted(unknown)} that are not in "
                             f"--passes {','.join(passes)}")
+    classes = [get_transform(name) for name in passes]    # an analysis is refused, with why
     protect = [graph.source, *protect]
     if out is not None:
         from graphopt.io import check_output_dir
 
         check_output_dir(out, protect=protect, overwrite=overwrite)
-    instances = [get_pass(name)(**options.get(name, {})) for name in passes]
+    instances = [cls(**options.get(name, {})) for cls, name in zip(classes, passes)]
     before = model_cost(graph)
 
     def progress(result):

@@ -26,7 +26,7 @@ from torch import fx
 
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
-from graphopt.pass_manager import Pass, register, rel_error
+from graphopt.pass_manager import Analysis, register, rel_error
 
 aten = torch.ops.aten
 POLICIES = ("hierarchical", "importance")
@@ -114,7 +114,7 @@ class BlockImportance:
 
 
 @register
-class BlockImportancePass(Pass):
+class BlockImportancePass(Analysis):
     name = "block-importance"
     Options = BlockImportanceOptions
 

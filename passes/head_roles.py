@@ -79,7 +79,7 @@ from graphopt.calibration import (BlockOffload, SdpaCall, calibration_inputs,
                                   check_calibration, require_weights, run_attentions)
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
-from graphopt.pass_manager import Pass, register
+from graphopt.pass_manager import Analysis, register
 
 ROLES = ("spatial", "temporal", "mixed")
 STATISTICS = ("attention-density", "output-error")
@@ -233,7 +233,7 @@ def heatmap(path, names: list[str], rows: list[torch.Tensor], *, title: str, lab
 
 
 @register
-class HeadRolesPass(Pass):
+class HeadRolesPass(Analysis):
     name = "head-roles"
     Options = HeadRolesOptions
 

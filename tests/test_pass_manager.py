@@ -1,0 +1,38 @@
+"""The pass manager runs transforms only; analyses are asked for, never run as a step."""
+import pytest
+import torch
+
+from graphopt import GraphoptError, PassManager, compress, get_pass
+from graphopt.pass_manager import Analysis, Pass, available, get_transform
+
+ANALYSES = ["head-roles", "head-importance", "block-importance"]
+TRANSFORMS = ["prune", "drop", "route", "cache"]
+
+
+def test_every_builtin_is_one_kind():
+    assert sorted(available()) == sorted(ANALYSES + TRANSFORMS)
+    for name in ANALYSES:
+        assert issubclass(get_pass(name), Analysis) and not issubclass(get_pass(name), Pass)
+    for name in TRANSFORMS:
+        assert get_transform(name) is get_pass(name) and issubclass(get_pass(name), Pass)
+
+
+@pytest.mark.parametrize("name", ANALYSES)
+def test_compress_refuses_an_analysis_and_says_how_to_run_it(name, tiny_graphs, tmp_path):
+    g = tiny_graphs("wan").copy()
+    before = [n.name for n in g.gm.graph.nodes]
+    with pytest.raises(GraphoptError, match=rf"'{name}' is an analysis.*graph\.analysis\('{name}'"):
+        compress(g, ["drop", name], {"drop": {"removed": [0]}}, out=tmp_path / "out")
+    assert [n.name for n in g.gm.graph.nodes] == before and not g.recipe.steps
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(GraphoptError, match="is an analysis"):
+        PassManager([get_pass(name)()])
+
+
+def test_analysis_changes_nothing(tiny_graphs):
+    g = tiny_graphs("wan").copy()
+    nodes, weights = [n.name for n in g.gm.graph.nodes], dict(g.gm.state_dict())
+    result = g.analysis("block-importance", timesteps=(500.0,))
+    assert g.reports["block-importance"] is result and len(result.scores()) == len(g.blocks)
+    assert [n.name for n in g.gm.graph.nodes] == nodes and not g.recipe.steps
+    assert all(torch.equal(v, weights[k]) for k, v in g.gm.state_dict().items())
