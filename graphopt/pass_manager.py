@@ -115,7 +115,6 @@ class Pass(_Configured):
     """A transform: `decide` (recorded in the recipe), then `apply` (replayed from it)."""
 
     kind: ClassVar[str] = "transform"
-    requires: ClassVar[tuple[str, ...]] = ()
     tolerance: ClassVar[float] = 1e-5
 
     def decide(self, graph) -> dict:
@@ -185,11 +184,16 @@ class PassManager:
     def run(self, graph) -> list[PassResult]:
         results = []
         for p in self.passes:
-            for req in p.requires:
-                graph.analysis(req)
+            where = _where(p.name, [r.name for r in results])
             reference = graph.copy() if self.verify and not graph.is_meta else None
             t0 = time.perf_counter()
-            result = p.run(graph)
+            try:
+                result = p.run(graph)
+            except GraphoptError as e:
+                raise GraphoptError(f"{where}: {e}") from e
+            except Exception as e:      # a bug: its traceback stays, with where it happened
+                e.add_note(where)
+                raise
             result.seconds = time.perf_counter() - t0
             if reference is not None:
                 inputs = self.inputs or graph.example_inputs
@@ -197,10 +201,14 @@ class PassManager:
                     err = p.ensures(reference, graph, inputs)
                 result.verified_error = err
                 if not err <= p.tolerance:
-                    raise GraphoptError(f"pass '{p.name}' broke its promise: relative error "
+                    raise GraphoptError(f"{where} broke its promise: relative error "
                                         f"{err:.3g} > {p.tolerance:g}. This is a graphopt bug; "
                                         f"please report it with the recipe")
             results.append(result)
             if self.progress is not None:
                 self.progress(result)
         return results
+
+
+def _where(name: str, done: list[str]) -> str:
+    return f"pass '{name}' (after {', '.join(done)})" if done else f"pass '{name}' (no pass ran before it)"

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from graphopt import GraphoptError, PassManager, compress, get_pass
+from graphopt import GraphoptError, PassManager, capture, compress, get_pass
+from graphopt.families import build_model
 from graphopt.pass_manager import Analysis, Pass, available, get_transform
+from graphopt.passes.drop import Drop
 
 ANALYSES = ["head-roles", "head-importance", "block-importance"]
 TRANSFORMS = ["prune", "drop", "route", "cache"]
@@ -36,3 +38,28 @@ def test_analysis_changes_nothing(tiny_graphs):
     assert g.reports["block-importance"] is result and len(result.scores()) == len(g.blocks)
     assert [n.name for n in g.gm.graph.nodes] == nodes and not g.recipe.steps
     assert all(torch.equal(v, weights[k]) for k, v in g.gm.state_dict().items())
+
+
+class _Fails(Pass):
+    name = "fails"
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def decide(self, graph):
+        raise self.error
+
+
+def test_an_error_inside_a_pass_names_it_and_the_passes_before_it():
+    g = capture(build_model("wan", device="meta"))
+    with pytest.raises(GraphoptError, match=r"^pass 'fails' \(no pass ran before it\): bad input$"):
+        PassManager([_Fails(GraphoptError("bad input"))]).run(g)
+    with pytest.raises(GraphoptError, match=r"^pass 'fails' \(after drop\): bad input$"):
+        PassManager([Drop(removed=[0]), _Fails(GraphoptError("bad input"))]).run(g.copy())
+    with pytest.raises(KeyError) as bug:         # a bug keeps its type and traceback
+        PassManager([Drop(removed=[0]), _Fails(KeyError("x"))]).run(g.copy())
+    assert bug.value.__notes__ == ["pass 'fails' (after drop)"]
+    # A transform's own analysis error (block importance cannot run on meta) names the transform.
+    with pytest.raises(GraphoptError, match=r"^pass 'drop' \(after drop\): ranking blocks needs weights"):
+        PassManager([Drop(removed=[]), Drop(blocks=1, policy="importance")]).run(g.copy())
