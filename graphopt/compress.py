@@ -30,15 +30,15 @@ def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, ve
         if console is not None:
             extra = ", ".join(f"{k}={v}" for k, v in result.summary.items()
                               if not k.startswith(("before_", "after_")))
-            check = "" if result.verified_error is None else \
-                f", verified (rel. error {result.verified_error:.2g})"
+            check = result.check() and f", {result.check()}"
             console.print(f"[green]✓[/] {result.name} in {result.seconds:.2f}s {extra}{check}")
 
     results = PassManager(instances, verify=verify, progress=progress).run(graph)
     after = model_cost(graph)
     report = {
         "passes": [{"name": r.name, "seconds": r.seconds, "summary": r.summary,
-                    "verified_error": r.verified_error} for r in results],
+                    "verified_error": r.verified_error, "not_verified": r.not_verified}
+                   for r in results],
         "before": {"flops_per_step": before.flops, "params": before.params},
         "after": {"flops_per_step": after.flops, "params": after.params},
     }
@@ -67,7 +67,7 @@ def _report_markdown(graph, instances, results, before, after) -> str:
              f"| parameters | {human(before.params)} | {human(after.params)} | "
              f"{after.params / before.params:.3f} |", ""]
     for p, r in zip(instances, results):
-        check = "" if r.verified_error is None else f", verified (rel. error {r.verified_error:.2g})"
+        check = r.check() and f", {r.check()}"
         lines += [f"## {r.name} ({r.seconds:.1f} s{check})", "", *p.describe(r.decisions), ""]
     for name, result in graph.reports.items():
         to_markdown = getattr(result, "to_markdown", None)

@@ -75,6 +75,14 @@ class PassResult:
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
     verified_error: float | None = None
+    not_verified: str | None = None     # why verification was asked for and skipped ("meta")
+
+    def check(self) -> str:
+        """What verification found, for the console and the report ("" when not asked for)."""
+        if self.not_verified is not None:
+            return f"not verified ({self.not_verified})"
+        return "" if self.verified_error is None else \
+            f"verified (rel. error {self.verified_error:.2g})"
 
 
 class _Configured:
@@ -185,7 +193,8 @@ class PassManager:
         results = []
         for p in self.passes:
             where = _where(p.name, [r.name for r in results])
-            reference = graph.copy() if self.verify and not graph.is_meta else None
+            verify = self.verify and not graph.is_meta
+            reference = graph.copy() if verify else None
             t0 = time.perf_counter()
             try:
                 result = p.run(graph)
@@ -195,6 +204,8 @@ class PassManager:
                 e.add_note(where)
                 raise
             result.seconds = time.perf_counter() - t0
+            if self.verify and not verify:
+                result.not_verified = "meta"    # no weights to run the check on
             if reference is not None:
                 inputs = self.inputs or graph.example_inputs
                 with torch.no_grad():

@@ -1,4 +1,6 @@
 """The pass manager runs transforms only; analyses are asked for, never run as a step."""
+import io
+
 import pytest
 import torch
 
@@ -63,3 +65,17 @@ def test_an_error_inside_a_pass_names_it_and_the_passes_before_it():
     # A transform's own analysis error (block importance cannot run on meta) names the transform.
     with pytest.raises(GraphoptError, match=r"^pass 'drop' \(after drop\): ranking blocks needs weights"):
         PassManager([Drop(removed=[]), Drop(blocks=1, policy="importance")]).run(g.copy())
+
+
+def test_verify_on_a_meta_graph_says_not_verified():
+    from rich.console import Console
+
+    g = capture(build_model("wan", device="meta"))
+    text = io.StringIO()
+    report = compress(g, ["drop"], {"drop": {"removed": [0]}}, verify=True,
+                      console=Console(file=text, width=200))
+    assert "drop" in text.getvalue() and "not verified (meta)" in text.getvalue()
+    assert report["passes"][0]["not_verified"] == "meta"
+    assert report["passes"][0]["verified_error"] is None
+    [result] = PassManager([Drop(removed=[0])]).run(capture(build_model("wan", device="meta")))
+    assert result.check() == ""                  # not asked for: nothing to say
