@@ -101,7 +101,7 @@ def workload(graph, steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Per step, the tensor inputs of one denoising call (see the module docstring)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    t_name = _t_name(graph)
+    t_name = graph.timestep_input
     gen = torch.Generator().manual_seed(seed)
     base = {}
     for k, v in graph.example_inputs.items():
@@ -186,14 +186,10 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
         "input_shapes": {k: list(v.shape) for k, v in inputs[0].items()},
         "device": str(device), "threads": torch.get_num_threads(),
         "steps": steps, "repeats": repeats, "warmup": warmup,
-        "timesteps": [float(f[_t_name(compressed)].flatten()[0]) for f in inputs],
+        "timesteps": [float(f[compressed.timestep_input].flatten()[0]) for f in inputs],
         "flops_per_step": mean, "flops_per_call": flops, "flops_speedup": flop_speedup,
         "backends": rows, "skipped": skipped,
     }
-
-
-def _t_name(graph) -> str:
-    return graph.family.timestep_input if graph.family is not None else "timestep"
 
 
 class _Unavailable(Exception):

@@ -275,7 +275,7 @@ def head_roles(graph, options: HeadRolesOptions | None = None, *,
             result[name] = AttentionRoles(
                 name, att.block, False, score, [role_of(float(score[0]), o.margin)] * att.heads,
                 score.clone(), score.clone(), *(nan() for _ in range(8)))
-    t_name = graph.family.timestep_input if graph.family is not None else "timestep"
+    t_name = graph.timestep_input
     timesteps = [float(x[t_name].reshape(-1)[0]) for x in inputs
                  if isinstance(x.get(t_name), torch.Tensor)]
     return HeadRoles(result, o.statistic, o.radius, o.margin, len(inputs), o.queries, timesteps)

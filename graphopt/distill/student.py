@@ -161,9 +161,7 @@ class GraphPair:
         for p in self.student_parameters():   # the router's are the trainer's to switch per stage
             p.requires_grad_(True)
         self.timestep_scale = float(timestep_scale)
-        family = student.family
-        self._t_name = family.timestep_input if family is not None else "timestep"
-        self._x_name = family.latent_input if family is not None else "hidden_states"
+        self._t_name, self._x_name = student.timestep_input, student.latent_input
 
     # -- DistillPair
     def forward_teacher(self, inputs: dict):
