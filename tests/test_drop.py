@@ -186,3 +186,14 @@ def test_drop_works_on_meta_graph():
     drop_blocks(g, [0])
     assert [b.name for b in g.blocks] == ["blocks.1"]
     assert model_cost(g).flops == before.flops - before.blocks[0]["flops"]
+
+
+def test_random_inputs_keep_masks_and_guidance(tiny_graphs):
+    """The test inputs vary the activations only: HunyuanVideo's float text mask and its guidance
+    scale stay the example's (an N(0, 1) mask is no mask)."""
+    g = tiny_graphs("hunyuan-video")
+    inputs, example = random_inputs(g), g.example_inputs
+    for k in ("encoder_attention_mask", "guidance", "timestep"):
+        assert torch.equal(inputs[k], example[k]), k
+    for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        assert not torch.equal(inputs[k], example[k]) and inputs[k].std() > 0.5, k

@@ -278,8 +278,12 @@ def test_profile_shapes_and_build_plan(block_onnx, tmp_path):
     with pytest.raises(GraphoptError, match="dynamic dim\\(s\\) \\['batch'\\] without a min/opt/max range"):
         plan_builds(block_onnx, tmp_path, BuildOptions())
     spec = Segment.from_onnx(block_onnx).inputs
-    with pytest.raises(GraphoptError, match="min <= opt <= max"):
-        profile_shapes(spec, {"batch": BuildOptions(dim_ranges={"batch": (4, 2, 8)}).dim_ranges["batch"]}, "x")
+    ranges = BuildOptions(dim_ranges={"batch": (1, 3, 5)}).dim_ranges
+    assert profile_shapes(spec, ranges, "x") == {"x": ((1, 32, 64), (3, 32, 64), (5, 32, 64))}
+    with pytest.raises(GraphoptError, match=r"^x: input 'x' \['batch', 32, 64\] has dynamic dim\(s\) \['batch'\]"):
+        profile_shapes(spec, {"frames": ranges["batch"]}, "x")         # a range, but not for batch
+    with pytest.raises(GraphoptError, match="min <= opt <= max"):   # a bad range fails where it is given
+        BuildOptions(dim_ranges={"batch": (4, 2, 8)})
     with pytest.raises(GraphoptError, match="precision must be one of"):
         BuildOptions(precision="int8")
 
