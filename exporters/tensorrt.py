@@ -22,11 +22,12 @@ API facts this module relies on (TensorRT Python API; checked against NVIDIA's d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from graphopt.errors import GraphoptError
 from graphopt.io import atomic_write_bytes
 from graphopt.exporters.manifest import MODEL_KIND, DimRange, Segment, SegmentedManifest, TensorSpec, compare_io
 from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, run_all_segments
-from graphopt.exporters.trt_check import all_graphs
+from graphopt.exporters.trt_check import all_graphs, restore_bool_where
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _CAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -305,45 +306,41 @@ def build_engines(
     results = []
     for plan in plans:
         start = time.perf_counter()
-        onnx_path = plan.onnx_path
-        cast = strongly_typed and plan.precision != "fp32"
-        if cast:
-            onnx_path = _write_cast_copy(plan.onnx_path, out_dir, _CAST_DTYPES[plan.precision])
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise GraphoptError(
-                f"TensorRT's ONNX parser rejected {plan.onnx_path.name}: {errors} "
-                "(graphopt.exporters.trt_check.check_onnx lists the documented causes)"
-            )
-        config = builder.create_builder_config()
-        if options.workspace_bytes:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-        if options.optimization_level is not None:
-            config.builder_optimization_level = options.optimization_level
-        if not strongly_typed and plan.precision != "fp32":
-            config.set_flag(trt.BuilderFlag.FP16 if plan.precision == "fp16" else trt.BuilderFlag.BF16)
-        if cache is None:
-            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            name = network.get_input(i).name
-            if name not in plan.profile:
-                raise GraphoptError(f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
-            profile.set_shape(name, *plan.profile[name])
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise GraphoptError(
-                f"TensorRT could not build {plan.onnx_path.name} (see its log above); check the graph with "
-                "graphopt.exporters.trt_check.check_onnx"
-            )
-        atomic_write_bytes(plan.engine_path, bytes(serialized))
-        if cast:
-            _remove_cast_copy(onnx_path)
+        dtype = _CAST_DTYPES[plan.precision] if strongly_typed and plan.precision != "fp32" else None
+        with tensorrt_onnx(plan.onnx_path, out_dir, dtype) as onnx_path:
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+            network = builder.create_network(flags)
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(onnx_path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise GraphoptError(
+                    f"TensorRT's ONNX parser rejected {plan.onnx_path.name}: {errors} "
+                    "(graphopt.exporters.trt_check.check_onnx lists the documented causes)"
+                )
+            config = builder.create_builder_config()
+            if options.workspace_bytes:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+            if options.optimization_level is not None:
+                config.builder_optimization_level = options.optimization_level
+            if not strongly_typed and plan.precision != "fp32":
+                config.set_flag(trt.BuilderFlag.FP16 if plan.precision == "fp16" else trt.BuilderFlag.BF16)
+            if cache is None:
+                cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                name = network.get_input(i).name
+                if name not in plan.profile:
+                    raise GraphoptError(f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
+                profile.set_shape(name, *plan.profile[name])
+            config.add_optimization_profile(profile)
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise GraphoptError(
+                    f"TensorRT could not build {plan.onnx_path.name} (see its log above); check the graph with "
+                    "graphopt.exporters.trt_check.check_onnx"
+                )
+            atomic_write_bytes(plan.engine_path, bytes(serialized))
         seconds = time.perf_counter() - start
         results.append(EngineBuild(plan.onnx_path, plan.engine_path, plan.precision, strongly_typed, seconds))
     if cache_path is not None and cache is not None:
@@ -351,22 +348,31 @@ def build_engines(
     return results
 
 
-def _write_cast_copy(path: Path, out_dir: Path, dtype: str) -> Path:
+@contextlib.contextmanager
+def tensorrt_onnx(path: Path, out_dir: Path, dtype: str | None) -> Iterator[Path]:
+    """The ONNX file TensorRT parses for `path`: `path` itself, or a copy in `out_dir` where the model
+    must be cast to `dtype` (strong typing) or computes a bool Where on uint8 (onnxruntime's
+    workaround, restored by trt_check.restore_bool_where). The copy is removed afterwards, whether
+    the build succeeded or failed."""
     import onnx
 
-    model = cast_float_precision(onnx.load(str(path)), dtype, keep_io_types=True)
-    target = out_dir / f"{path.stem}.{dtype}.onnx"
-    # Protobuf caps a message at 2 GB: bigger segments keep their weights in a side file.
-    external = model.ByteSize() > 1_800_000_000
-    onnx.save(model, str(target), save_as_external_data=external, location=f"{target.name}.data" if external else None)
-    return target
-
-
-def _remove_cast_copy(path: Path) -> None:
-    path.unlink()
-    side = path.with_name(f"{path.name}.data")
-    if side.exists():
-        side.unlink()
+    if dtype is None and not restore_bool_where(onnx.load(str(path), load_external_data=False)):
+        yield path
+        return
+    model = onnx.load(str(path))            # with its weights: the copy lives in another folder
+    restore_bool_where(model)
+    if dtype is not None:
+        model = cast_float_precision(model, dtype, keep_io_types=True)
+    target = out_dir / f"{path.stem}.{dtype or 'float32'}.onnx"
+    side = target.with_name(f"{target.name}.data")
+    try:
+        # Protobuf caps a message at 2 GB: bigger segments keep their weights in a side file.
+        external = model.ByteSize() > 1_800_000_000
+        onnx.save(model, str(target), save_as_external_data=external, location=side.name if external else None)
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class CheckReport:
 
     def render(self) -> str:
         head = (
-            f"TensorRT check of {self.source} (opset {self.opset}; op table: {PARSER_TABLE}): "
+            f"static TensorRT check of {self.source} (opset {self.opset}; op table: {PARSER_TABLE}): "
             f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
         )
         lines = [head]
@@ -135,6 +135,8 @@ def check_onnx(
 ) -> CheckReport:
     """Check an ONNX model (ModelProto or path) for TensorRT; weights are not needed and not loaded.
 
+    What is checked is what TensorRT is given: the model with its uint8 `Where`s, onnxruntime's
+    workaround, restored to bool ones (`restore_bool_where`, as `build_engines` does).
     `profile_dims`: the symbolic dims that have a min/opt/max range; when given, a dynamic input dim
     outside this set is an error.
     """
@@ -146,6 +148,10 @@ def check_onnx(
             raise GraphoptError(f"ONNX file not found: {path}")
         source = source or path.name
         model = onnx.load(str(path), load_external_data=False)
+    else:
+        given, model = model, onnx.ModelProto()
+        model.CopyFrom(given)                           # the caller's model stays as it is
+    restore_bool_where(model)
     source = source or (model.graph.name or "model")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     checker = _Checker(model, opset, set(profile_dims) if profile_dims is not None else None)
@@ -216,7 +222,7 @@ class _Checker:
                          "#4739, #4757); use the segmented layout (skip decided on the host), or export this "
                          "block's attention decomposed (opset < 23)")
         if self.opset >= 23:
-            for node, path in self.if_attention_chains():
+            for _, path in self.if_attention_chains():
                 self.add("warning", "attention-in-if", path,
                          "MatMul-Softmax-MatMul inside an If: TensorRT may fuse it into the attention kernel "
                          "that fails inside conditionals (NVIDIA/TensorRT #4739); prefer the segmented layout")
@@ -402,6 +408,64 @@ def _walk(graph: Any, prefix: str, if_depth: int, functions: Mapping) -> Iterato
         function = functions.get((node.domain, node.op_type))
         if function is not None:
             yield from _walk(function, f"{path}/{function.name}/", if_depth, functions)
+
+
+def restore_bool_where(model: Any) -> int:
+    """Undo, in place, the exporter's onnxruntime workaround for a bool `Where`: onnxruntime's CPU
+    kernel has none, so graphopt.exporters.onnx computes it on uint8 between Casts, but TensorRT takes
+    uint8 only as network I/O and has a bool Where. Matches Where(c, Cast(x, UINT8), Cast(y, UINT8))
+    read only by a Cast to BOOL, with x and y bool, and makes it Where(c, x, y). Returns how many."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    types: dict[str, int] = {}
+    for graph in all_graphs(onnx.shape_inference.infer_shapes(model).graph):
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            types[value.name] = value.type.tensor_type.elem_type
+        for init in graph.initializer:
+            types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant":
+                types.update({o: a.t.data_type for o in node.output for a in node.attribute if a.name == "value"})
+    graphs = list(all_graphs(model.graph))
+    readers: dict[str, list[Any]] = defaultdict(list)
+    for graph in graphs:
+        for node in graph.node:
+            for name in node.input:
+                readers[name].append(node)
+    count = 0
+    for graph in graphs:
+        producer = {o: node for node in graph.node for o in node.output}
+        kept_out = {v.name for v in graph.output}
+
+        def only_into(name: str, node: Any) -> bool:
+            return name not in kept_out and readers[name] == [node]
+
+        restored, gone = {}, set()
+        for node in graph.node:
+            after = readers[node.output[0]] if node.op_type == "Where" else []
+            if len(after) != 1 or not _casts_to(after[0], TensorProto.BOOL) or not only_into(node.output[0], after[0]):
+                continue
+            casts = [producer.get(name) for name in node.input[1:]]
+            if casts[0] is casts[1] or not all(
+                c is not None and _casts_to(c, TensorProto.UINT8) and types.get(c.input[0]) == TensorProto.BOOL
+                and only_into(c.output[0], node) for c in casts
+            ):
+                continue
+            restored[id(node)] = helper.make_node(
+                "Where", [node.input[0], casts[0].input[0], casts[1].input[0]], [after[0].output[0]], name=node.name
+            )
+            gone |= {id(casts[0]), id(casts[1]), id(after[0])}
+        if restored:
+            nodes = [restored.get(id(n), n) for n in graph.node if id(n) not in gone]
+            del graph.node[:]
+            graph.node.extend(nodes)
+            count += len(restored)
+    return count
+
+
+def _casts_to(node: Any, elem_type: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type for a in node.attribute)
 
 
 def all_graphs(graph: Any) -> Iterator[Any]:

@@ -10,10 +10,10 @@ from graphopt.compress import compress
 from graphopt.cost import model_cost
 from graphopt.errors import GraphoptError
 from graphopt.graph import DiTGraph
-from graphopt.pass_manager import Pass, PassManager, available, get_pass, register, rel_error
+from graphopt.pass_manager import Analysis, Pass, PassManager, available, get_pass, register, rel_error
 from graphopt.recipe import Recipe
 from graphopt.serialize import load, save
 
-__all__ = ["capture", "load_model", "compress", "model_cost", "GraphoptError", "DiTGraph", "Pass",
-           "PassManager", "available", "get_pass", "register", "rel_error", "Recipe", "load",
-           "save"]
+__all__ = ["capture", "load_model", "compress", "model_cost", "GraphoptError", "DiTGraph",
+           "Analysis", "Pass", "PassManager", "available", "get_pass", "register", "rel_error",
+           "Recipe", "load", "save"]

@@ -193,7 +193,7 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
                 if explicit:
                     raise GraphoptError(f"backend '{backend}' cannot run: {e}") from None
                 skipped[backend] = str(e)
-        for (backend, role), model in models.items():
+        for model in models.values():
             if isinstance(model, GraphTransformer) and model.router is not None:
                 model.router.record = False       # timing: no host copies of the decisions
 

@@ -103,8 +103,7 @@ def calibration_inputs(graph, *, timesteps: int | Sequence[float] = 4, samples: 
 
 
 def _input_names(graph) -> tuple[str, str]:
-    latent = graph.family.latent_input if graph.family is not None else "hidden_states"
-    timestep = graph.family.timestep_input if graph.family is not None else "timestep"
+    latent, timestep = graph.latent_input, graph.timestep_input
     for name in (latent, timestep):
         if not isinstance(graph.example_inputs.get(name), torch.Tensor):
             raise GraphoptError(f"calibration needs the tensor input '{name}' in the model's "

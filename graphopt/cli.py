@@ -214,11 +214,12 @@ def cmd_export(args) -> int:
     if bad:
         raise GraphoptError(f"the ONNX in {args.output} breaks TensorRT's documented limits in {bad} (listed "
                             "above); no engines built")
-    print(f"wrote {manifest}; TensorRT check passed on {len(reports)} segments")
+    print(f"wrote {manifest}; static TensorRT check (the ONNX read against TensorRT's documented limits, "
+          f"without TensorRT): no errors in {len(reports)} segments")
     if missing is not None:
         # Exit 0: the ONNX is written and checked; engines are built where TensorRT runs.
-        print(f"{missing}. Then build the engines with graphopt.exporters.tensorrt.build_engines('{manifest}', "
-              f"'{out / 'engines'}')")
+        print(f"no engine built: {missing}. Then build the engines with "
+              f"graphopt.exporters.tensorrt.build_engines('{manifest}', '{out / 'engines'}')")
         return 0
     for b in builds:
         print(f"built {out / 'engines' / b.engine_path.name} ({b.precision}) in {b.seconds:.1f}s")

@@ -5,7 +5,7 @@ import json
 
 from graphopt.cost import model_cost
 from graphopt.describe import human
-from graphopt.pass_manager import PassManager, get_pass
+from graphopt.pass_manager import PassManager, get_transform
 
 
 def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, verify=False,
@@ -17,27 +17,28 @@ def compress(graph, passes: list[str], options: dict[str, dict], *, out=None, ve
         from graphopt.errors import GraphoptError
         raise GraphoptError(f"options given for pass(es) {sorted(unknown)} that are not in "
                             f"--passes {','.join(passes)}")
+    classes = [get_transform(name) for name in passes]    # an analysis is refused, with why
     protect = [graph.source, *protect]
     if out is not None:
         from graphopt.io import check_output_dir
 
         check_output_dir(out, protect=protect, overwrite=overwrite)
-    instances = [get_pass(name)(**options.get(name, {})) for name in passes]
+    instances = [cls(**options.get(name, {})) for cls, name in zip(classes, passes)]
     before = model_cost(graph)
 
     def progress(result):
         if console is not None:
             extra = ", ".join(f"{k}={v}" for k, v in result.summary.items()
                               if not k.startswith(("before_", "after_")))
-            check = "" if result.verified_error is None else \
-                f", verified (rel. error {result.verified_error:.2g})"
+            check = result.check() and f", {result.check()}"
             console.print(f"[green]✓[/] {result.name} in {result.seconds:.2f}s {extra}{check}")
 
     results = PassManager(instances, verify=verify, progress=progress).run(graph)
     after = model_cost(graph)
     report = {
         "passes": [{"name": r.name, "seconds": r.seconds, "summary": r.summary,
-                    "verified_error": r.verified_error} for r in results],
+                    "verified_error": r.verified_error, "not_verified": r.not_verified}
+                   for r in results],
         "before": {"flops_per_step": before.flops, "params": before.params},
         "after": {"flops_per_step": after.flops, "params": after.params},
     }
@@ -66,7 +67,7 @@ def _report_markdown(graph, instances, results, before, after) -> str:
              f"| parameters | {human(before.params)} | {human(after.params)} | "
              f"{after.params / before.params:.3f} |", ""]
     for p, r in zip(instances, results):
-        check = "" if r.verified_error is None else f", verified (rel. error {r.verified_error:.2g})"
+        check = r.check() and f", {r.check()}"
         lines += [f"## {r.name} ({r.seconds:.1f} s{check})", "", *p.describe(r.decisions), ""]
     for name, result in graph.reports.items():
         to_markdown = getattr(result, "to_markdown", None)

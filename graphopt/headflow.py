@@ -258,12 +258,6 @@ def trace(gm: fx.GraphModule, sdpa: fx.Node) -> HeadFlow:
     return flow
 
 
-def _arg_labels(a, labels, ndim):
-    if isinstance(a, fx.Node) and a in labels:
-        return labels[a]
-    return None
-
-
 def _broadcast(n: fx.Node, labels, flow) -> Labels:
     return _broadcast_inputs(n, n.all_input_nodes, labels, flow, len(_shape(n)))
 

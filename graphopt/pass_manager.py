@@ -1,11 +1,17 @@
 """Passes, their registry, and the pass manager.
 
-A pass is a small object: a `name`, validated `Options` (a dataclass whose `__post_init__` rejects
-bad values), the analyses it `requires`, and `run(graph) -> PassResult`. A transform pass splits
-`run` into `decide(graph) -> decisions` (JSON, recorded in the Recipe) and a deterministic
-`apply(graph, decisions)` (what replay calls). `ensures(before, after, inputs)` returns the
-relative error of the promise the pass makes (identity: 0; prune: equals masking; route with all
-gates on: equals the original), checked by the manager when verification is on.
+Two kinds, one registry (`get_pass(name)`), each with a `name` and validated `Options` (a dataclass
+whose `__post_init__` rejects bad values):
+- an **analysis** (`Analysis`: head-roles, head-importance, block-importance) measures the graph:
+  `run(graph)` returns a result and changes nothing. `graph.analysis(name, **options)` runs it once
+  per graph version and keeps the result for the compress report; the transforms that need one ask
+  for it there.
+- a **transform** (`Pass`: prune, drop, route, cache) changes the graph: `run` splits into
+  `decide(graph) -> decisions` (JSON, recorded in the Recipe) and a deterministic
+  `apply(graph, decisions)` (what replay calls). `ensures(before, after, inputs)` returns the
+  relative error of the promise it makes (prune: equals masking; route with all gates on: equals
+  the original), checked by the manager when verification is on.
+`PassManager` and `compress` run transforms only and refuse an analysis by name.
 """
 from __future__ import annotations
 
@@ -18,23 +24,42 @@ import torch
 
 from graphopt.errors import GraphoptError
 
-_REGISTRY: dict[str, type["Pass"]] = {}
+_REGISTRY: dict[str, type["Pass | Analysis"]] = {}
 
 
-def register(cls: type["Pass"]) -> type["Pass"]:
+def register(cls):
     """Class decorator: make a pass resolvable by name (built-ins and user passes alike)."""
     if not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__} needs a `name`")
+    if not issubclass(cls, (Pass, Analysis)):
+        raise TypeError(f"{cls.__name__} must subclass graphopt.Pass (a transform) or "
+                        f"graphopt.Analysis")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get_pass(name: str) -> type["Pass"]:
+def get_pass(name: str):
+    """The registered class `name`: a transform (`Pass`) or an analysis (`Analysis`)."""
     import graphopt.passes  # noqa: F401  (registers the built-ins)
 
     if name not in _REGISTRY:
         raise GraphoptError(f"unknown pass '{name}'; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def get_transform(name: str) -> type["Pass"]:
+    """The transform `name`; an analysis is refused with how to run it instead."""
+    cls = get_pass(name)
+    if cls.kind != "transform":
+        raise GraphoptError(_not_a_transform(name))
+    return cls
+
+
+def _not_a_transform(name: str) -> str:
+    transforms = ", ".join(n for n in available() if _REGISTRY[n].kind == "transform")
+    return (f"'{name}' is an analysis (it returns a result and changes nothing), not a transform: "
+            f"run it with graph.analysis('{name}', **options), whose result the compress report "
+            f"includes; the passes to compress with are {transforms}")
 
 
 def available() -> list[str]:
@@ -50,13 +75,22 @@ class PassResult:
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
     verified_error: float | None = None
+    not_verified: str | None = None     # why verification was asked for and skipped ("meta")
+
+    def check(self) -> str:
+        """What verification found, for the console and the report ("" when not asked for)."""
+        if self.not_verified is not None:
+            return f"not verified ({self.not_verified})"
+        return "" if self.verified_error is None else \
+            f"verified (rel. error {self.verified_error:.2g})"
 
 
-class Pass:
+class _Configured:
+    """A name and its validated options, given as an Options object or as keyword options."""
+
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
     Options: ClassVar[type] = None
-    requires: ClassVar[tuple[str, ...]] = ()
-    tolerance: ClassVar[float] = 1e-5
 
     def __init__(self, options=None, **kwargs):
         opts_cls = self.Options
@@ -74,12 +108,28 @@ class Pass:
     def options_dict(self) -> dict:
         return dataclasses.asdict(self.options) if self.options is not None else {}
 
-    # Transforms override decide/apply; analyses override run.
+
+class Analysis(_Configured):
+    """Measures a graph: `run(graph)` returns a result (with `to_markdown`/`plot` where it can be
+    reported) and leaves the graph as it was."""
+
+    kind: ClassVar[str] = "analysis"
+
+    def run(self, graph):
+        raise NotImplementedError
+
+
+class Pass(_Configured):
+    """A transform: `decide` (recorded in the recipe), then `apply` (replayed from it)."""
+
+    kind: ClassVar[str] = "transform"
+    tolerance: ClassVar[float] = 1e-5
+
     def decide(self, graph) -> dict:
         return {}
 
     def apply(self, graph, decisions: dict) -> None:
-        raise NotImplementedError(f"{self.name} is an analysis and cannot be replayed")
+        raise NotImplementedError
 
     def summarize(self, graph, decisions) -> dict:
         return {}
@@ -127,10 +177,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class PassManager:
-    """Runs passes in order, optionally verifying each pass's promise on a calibration batch."""
+    """Runs transforms in order, optionally verifying each one's promise on a calibration batch."""
 
     def __init__(self, passes: list[Pass], *, verify: bool = False, inputs: dict | None = None,
                  progress=None):
+        for p in passes:
+            if getattr(p, "kind", None) != "transform":
+                raise GraphoptError(_not_a_transform(getattr(p, "name", type(p).__name__)))
         self.passes = passes
         self.verify = verify
         self.inputs = inputs
@@ -139,22 +192,34 @@ class PassManager:
     def run(self, graph) -> list[PassResult]:
         results = []
         for p in self.passes:
-            for req in p.requires:
-                graph.analysis(req)
-            reference = graph.copy() if self.verify and not graph.is_meta else None
+            where = _where(p.name, [r.name for r in results])
+            verify = self.verify and not graph.is_meta
+            reference = graph.copy() if verify else None
             t0 = time.perf_counter()
-            result = p.run(graph)
+            try:
+                result = p.run(graph)
+            except GraphoptError as e:
+                raise GraphoptError(f"{where}: {e}") from e
+            except Exception as e:      # a bug: its traceback stays, with where it happened
+                e.add_note(where)
+                raise
             result.seconds = time.perf_counter() - t0
+            if self.verify and not verify:
+                result.not_verified = "meta"    # no weights to run the check on
             if reference is not None:
                 inputs = self.inputs or graph.example_inputs
                 with torch.no_grad():
                     err = p.ensures(reference, graph, inputs)
                 result.verified_error = err
                 if not err <= p.tolerance:
-                    raise GraphoptError(f"pass '{p.name}' broke its promise: relative error "
+                    raise GraphoptError(f"{where} broke its promise: relative error "
                                         f"{err:.3g} > {p.tolerance:g}. This is a graphopt bug; "
                                         f"please report it with the recipe")
             results.append(result)
             if self.progress is not None:
                 self.progress(result)
         return results
+
+
+def _where(name: str, done: list[str]) -> str:
+    return f"pass '{name}' (after {', '.join(done)})" if done else f"pass '{name}' (no pass ran before it)"

@@ -1,2 +1,2 @@
 """Built-in passes (installed as graphopt.passes). Importing this package registers them."""
-from graphopt.passes import block_importance, cache, drop, head_roles, importance, prune, route, student  # noqa: F401
+from graphopt.passes import block_importance, cache, drop, head_roles, importance, prune, route  # noqa: F401

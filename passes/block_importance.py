@@ -26,7 +26,7 @@ from torch import fx
 
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
-from graphopt.pass_manager import Pass, register, rel_error
+from graphopt.pass_manager import Analysis, register, rel_error
 
 aten = torch.ops.aten
 POLICIES = ("hierarchical", "importance")
@@ -114,7 +114,7 @@ class BlockImportance:
 
 
 @register
-class BlockImportancePass(Pass):
+class BlockImportancePass(Analysis):
     name = "block-importance"
     Options = BlockImportanceOptions
 
@@ -132,8 +132,7 @@ def block_importance(graph, options: BlockImportanceOptions | None = None) -> Bl
         raise GraphoptError("the graph has no blocks left to score")
     harness, skip, tap = _skip_harness(graph)
     frames_of = _frames_view(graph)
-    t_name = graph.family.timestep_input if graph.family is not None else "timestep"
-    x_name = graph.family.latent_input if graph.family is not None else "hidden_states"
+    t_name, x_name = graph.timestep_input, graph.latent_input
     for name in (t_name, x_name):
         if not isinstance(graph.example_inputs.get(name), torch.Tensor):
             raise GraphoptError(f"block importance needs the tensor input '{name}' in the "

@@ -1,7 +1,9 @@
 """drop: remove whole blocks (static depth pruning, VDMini).
 
 Guarantee: the result computes exactly what the original computes with the same blocks skipped
-(`skip_blocks`: every stream output of a dropped block replaced by its paired stream input). The
+(`skip_blocks`: every stream output of a dropped block replaced by its paired stream input), which
+is what the model's diffusers class built with fewer layers and the kept blocks' weights computes
+(tests/test_drop.py checks this per family, with the blocks each config can leave out). The
 dropped blocks' nodes, the side computations only they used, and their weights are gone, so FLOPs
 and parameters fall by the blocks' share in `cost.model_cost` (more where earlier work fed only the
 dropped blocks: HunyuanVideo's last double block's text stream when every single block goes).
@@ -107,6 +109,9 @@ class Drop(Pass):
         return [f"- removed {len(decisions['removed'])} of {decisions['n_blocks']} blocks: {names}"]
 
     def ensures(self, before, after, inputs) -> float:
+        """Erasing the bypassed blocks and the code only they used changed nothing: the reference
+        bypasses the same blocks in `before` and erases nothing. (That bypassing equals the smaller
+        diffusers model needs the model's class; tests/test_drop.py checks it.)"""
         removed = after.recipe.steps[-1]["decisions"]["removed"]
         return rel_error(after.gm(**inputs)[0], skip_blocks(before, removed)(**inputs)[0])
 

@@ -79,7 +79,7 @@ from graphopt.calibration import (BlockOffload, SdpaCall, calibration_inputs,
                                   check_calibration, require_weights, run_attentions)
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_path
-from graphopt.pass_manager import Pass, register
+from graphopt.pass_manager import Analysis, register
 
 ROLES = ("spatial", "temporal", "mixed")
 STATISTICS = ("attention-density", "output-error")
@@ -233,7 +233,7 @@ def heatmap(path, names: list[str], rows: list[torch.Tensor], *, title: str, lab
 
 
 @register
-class HeadRolesPass(Pass):
+class HeadRolesPass(Analysis):
     name = "head-roles"
     Options = HeadRolesOptions
 
@@ -275,7 +275,7 @@ def head_roles(graph, options: HeadRolesOptions | None = None, *,
             result[name] = AttentionRoles(
                 name, att.block, False, score, [role_of(float(score[0]), o.margin)] * att.heads,
                 score.clone(), score.clone(), *(nan() for _ in range(8)))
-    t_name = graph.family.timestep_input if graph.family is not None else "timestep"
+    t_name = graph.timestep_input
     timesteps = [float(x[t_name].reshape(-1)[0]) for x in inputs
                  if isinstance(x.get(t_name), torch.Tensor)]
     return HeadRoles(result, o.statistic, o.radius, o.margin, len(inputs), o.queries, timesteps)

@@ -46,7 +46,7 @@ from graphopt import headflow
 from graphopt.calibration import (BlockOffload, calibration_inputs, check_calibration,
                                   require_weights)
 from graphopt.errors import GraphoptError
-from graphopt.pass_manager import Pass, register
+from graphopt.pass_manager import Analysis, register
 from graphopt.passes.head_roles import HeadRoles, HeadRolesOptions, head_roles, heatmap
 
 CRITERIA = ("magnitude", "sensitivity", "role-aware")
@@ -135,7 +135,7 @@ class HeadImportance:
 
 
 @register
-class HeadImportancePass(Pass):
+class HeadImportancePass(Analysis):
     name = "head-importance"
     Options = HeadImportanceOptions
 

@@ -30,12 +30,19 @@ def tiny_graphs():
     return get
 
 
+# Float inputs that are no activations: a mask (HunyuanVideo's is float, 1 = attend) and the
+# guidance scale keep the example's values; N(0, 1) would feed the model what it never sees.
+KEPT_INPUTS = ("encoder_attention_mask", "attention_mask", "guidance")
+
+
 def random_inputs(graph, seed=1):
-    """Fresh random example inputs of the graph's shapes (never zeros)."""
+    """Fresh N(0, 1) latent and conditioning states of the graph's shapes (never zeros); the
+    timestep, masks and guidance as in the example inputs."""
     g = torch.Generator().manual_seed(seed)
+    kept = {graph.timestep_input, *KEPT_INPUTS}
     out = {}
     for k, v in graph.example_inputs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and k != graph.family.timestep_input:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in kept:
             out[k] = torch.randn(v.shape, generator=g, dtype=v.dtype)
         else:
             out[k] = v

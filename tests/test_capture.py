@@ -34,7 +34,27 @@ def test_structure(family, tiny_graphs):
     assert tuple(g.token_layout) == layout
     for b in g.blocks:
         assert len(b.stream_in) == len(b.stream_out) >= 1
-    assert g.timestep_embedding is not None
+
+
+# DiT embeds the timestep inside each block (with the class label): routing reads the raw timestep.
+RAW_TIMESTEP = {"dit"}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_timestep_embedding_is_found_before_the_blocks(family, tiny_graphs):
+    """The router's input: a (rows, dim) float the timestep feeds and the latent does not, rows a
+    multiple of the batch (Latte's is repeated per place for its temporal blocks; the router
+    averages the rows of a sample). The capture falls back to the raw timestep input when it finds
+    none, so only the families that embed inside their blocks may end there."""
+    g = tiny_graphs(family)
+    if family in RAW_TIMESTEP:
+        assert g.timestep_embedding == g.timestep_input
+        return
+    node = g.node(g.timestep_embedding)
+    assert node.op != "placeholder"
+    value, batch = node.meta["val"], g.example_inputs[g.latent_input].shape[0]
+    assert value.is_floating_point() and value.dim() == 2 and value.shape[0] % batch == 0
+    assert value.shape[1] > 1
 
 
 def test_hunyuan_double_and_single_stream_blocks(tiny_graphs):

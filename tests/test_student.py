@@ -24,7 +24,7 @@ from graphopt.distill import distill, distill_config, output_error
 from graphopt.distill.run import eval_batches
 from graphopt.families import FAMILIES, build_model
 from graphopt.passes.block_importance import skip_blocks
-from graphopt.passes.student import GraphPair, Student, block_taps, teacher_graph
+from graphopt.distill.student import GraphPair, block_taps, teacher_graph
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 2
@@ -154,7 +154,7 @@ def test_teacher_from_recipe_source_and_mismatch_errors(graphs, tmp_path):
     with pytest.raises(GraphoptError, match="--teacher"):
         teacher_graph(student)              # captured from an in-memory module: nothing to load
     student.recipe.model["source"] = "tiny:wan"
-    pair = Student(teacher_dtype="bfloat16").run(student)      # the pass: teacher from the recipe
+    pair = GraphPair(student, teacher_graph(student, dtype="bfloat16"))   # teacher from the recipe
     assert pair.teacher_graph.example_inputs["hidden_states"].dtype == torch.bfloat16
     inputs = _inputs(student)
     out = pair.forward_teacher(inputs)

@@ -26,8 +26,9 @@ from graphopt.exporters.tensorrt import (
     cast_float_precision,
     plan_builds,
     profile_shapes,
+    tensorrt_onnx,
 )
-from graphopt.exporters.trt_check import check_onnx
+from graphopt.exporters.trt_check import check_onnx, restore_bool_where
 
 
 def rel_err(a, b) -> float:
@@ -278,8 +279,12 @@ def test_profile_shapes_and_build_plan(block_onnx, tmp_path):
     with pytest.raises(GraphoptError, match="dynamic dim\\(s\\) \\['batch'\\] without a min/opt/max range"):
         plan_builds(block_onnx, tmp_path, BuildOptions())
     spec = Segment.from_onnx(block_onnx).inputs
-    with pytest.raises(GraphoptError, match="min <= opt <= max"):
-        profile_shapes(spec, {"batch": BuildOptions(dim_ranges={"batch": (4, 2, 8)}).dim_ranges["batch"]}, "x")
+    ranges = BuildOptions(dim_ranges={"batch": (1, 3, 5)}).dim_ranges
+    assert profile_shapes(spec, ranges, "x") == {"x": ((1, 32, 64), (3, 32, 64), (5, 32, 64))}
+    with pytest.raises(GraphoptError, match=r"^x: input 'x' \['batch', 32, 64\] has dynamic dim\(s\) \['batch'\]"):
+        profile_shapes(spec, {"frames": ranges["batch"]}, "x")         # a range, but not for batch
+    with pytest.raises(GraphoptError, match="min <= opt <= max"):   # a bad range fails where it is given
+        BuildOptions(dim_ranges={"batch": (4, 2, 8)})
     with pytest.raises(GraphoptError, match="precision must be one of"):
         BuildOptions(precision="int8")
 
@@ -308,3 +313,68 @@ def test_single_file_engine_matches_onnxruntime(block_onnx, tmp_path, precision,
     runner = TrtRunner.from_file(build.engine_path, Segment.from_onnx(block_onnx))
     expected = OrtRunner(block_onnx, Segment.from_onnx(block_onnx))({"x": x})["x_next"]
     assert rel_err(runner({"x": x})["x_next"].cpu(), expected) < tolerance
+
+
+def bool_where_model(source=TensorProto.BOOL):
+    """out = Where(c, x, y) on bool x, y (from a float input), as a bool mask's masked_fill exports;
+    with a float `source`, a lookalike on uint8 that is no bool Where and must stay."""
+    if source == TensorProto.BOOL:
+        nodes = [helper.make_node("Greater", ["a", "zero"], ["x"]), helper.make_node("Not", ["x"], ["y"]),
+                 helper.make_node("Where", ["c", "x", "y"], ["out"], name="masked")]
+    else:
+        nodes = [helper.make_node("Cast", ["a"], ["x8"], to=TensorProto.UINT8),
+                 helper.make_node("Cast", ["a"], ["y8"], to=TensorProto.UINT8),
+                 helper.make_node("Where", ["c", "x8", "y8"], ["w8"]),
+                 helper.make_node("Cast", ["w8"], ["out"], to=TensorProto.BOOL)]
+    graph = helper.make_graph(nodes, "g", [value("c", TensorProto.BOOL, [4]), value("a", TensorProto.FLOAT, [4])],
+                              [value("out", TensorProto.BOOL, [4])],
+                              initializer=[helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def uint8_where_model():
+    """bool_where_model as graphopt's ONNX export writes it for onnxruntime (Where on uint8)."""
+    from graphopt.exporters.onnx import _bool_where_to_uint8
+
+    model = bool_where_model()
+    assert _bool_where_to_uint8(model) == 1
+    return model
+
+
+def test_tensorrt_gets_the_bool_where_back():
+    """onnxruntime's uint8 Where (the exporter's rewrite) is undone for TensorRT, exactly."""
+    from onnx.reference import ReferenceEvaluator
+
+    rewritten = uint8_where_model()
+    onnx.checker.check_model(rewritten)
+    report = check_onnx(rewritten, source="x")   # checks what TensorRT gets: no uint8 inside
+    assert report.ok and "uint8" not in report.render(), report.render()
+    assert len(rewritten.graph.node) == 6       # check_onnx restored a copy, not the caller's model
+    restored = onnx.ModelProto()
+    restored.CopyFrom(rewritten)
+    assert restore_bool_where(restored) == 1
+    assert [n.op_type for n in restored.graph.node] == ["Greater", "Not", "Where"]
+    assert list(restored.graph.node[2].input) == ["c", "x", "y"] and restored.graph.node[2].name == "masked"
+    onnx.checker.check_model(restored)
+    feeds = {"c": np.array([True, False, True, False]), "a": np.array([1.0, 2.0, -1.0, -2.0], np.float32)}
+    expected = ReferenceEvaluator(bool_where_model()).run(None, feeds)[0]
+    np.testing.assert_array_equal(ReferenceEvaluator(restored).run(None, feeds)[0], expected)
+    np.testing.assert_array_equal(ReferenceEvaluator(rewritten).run(None, feeds)[0], expected)
+    lookalike = bool_where_model(TensorProto.FLOAT)
+    assert restore_bool_where(lookalike) == 0 and len(lookalike.graph.node) == 4
+
+
+def test_the_copy_tensorrt_parses_is_removed_even_when_the_build_fails(tmp_path, block_onnx):
+    onnx.save(uint8_where_model(), str(tmp_path / "seg.onnx"))
+    out = tmp_path / "engines"
+    out.mkdir()
+    with tensorrt_onnx(block_onnx, out, None) as path:
+        assert path == block_onnx                  # nothing to change: parsed where it is
+    for source, dtype, name in ((tmp_path / "seg.onnx", None, "seg.float32.onnx"),
+                                (block_onnx, "float16", "block.float16.onnx")):
+        with pytest.raises(RuntimeError, match="build failed"):
+            with tensorrt_onnx(source, out, dtype) as path:
+                assert path == out / name and path.is_file()
+                assert restore_bool_where(onnx.load(str(path))) == 0
+                raise RuntimeError("build failed")
+        assert list(out.iterdir()) == []

@@ -162,7 +162,7 @@ def distill(student, teacher=None, config: DistillConfig | dict | str | os.PathL
     an input, checkpoints and data included, nor, unless `overwrite`, a folder holding files
     graphopt did not write).
     """
-    from graphopt.passes.student import GraphPair, teacher_graph
+    from graphopt.distill.student import GraphPair, teacher_graph
 
     config_path = config if isinstance(config, (str, os.PathLike)) else None
     config = distill_config(student, config)
@@ -220,7 +220,7 @@ def distill_folder(compressed, config, out, *, teacher: str | None = None,
                    overwrite: bool = False, console=None) -> Path:
     """`graphopt distill`: load a `graphopt compress` folder, distill it from its source model (or
     `teacher`), write checkpoints and the distilled folder `out` (plus the compress report)."""
-    from graphopt.passes.student import teacher_graph
+    from graphopt.distill.student import teacher_graph
     from graphopt.serialize import load
 
     folder, out = Path(compressed), Path(out)

@@ -11,8 +11,8 @@ same (detached) features. Data-free by default: x0 ~ N(0, I) (or latents from a 
 s sampled in (0, 1), x_t = (1 − s)·x0 + s·ε (flow matching), timestep = s·num_train_timesteps;
 the target is the teacher's prediction at x_t.
 
-Runs as one process or under `torchrun` (DDP on gloo/nccl, or FSDP2 `fully_shard` for students
-too large for one GPU). Checkpoints are folders of safetensors files plus JSON, written to a
+Runs as one process or under `torchrun` (DDP on gloo/nccl, or FSDP2 `fully_shard`: see
+`_shard_fsdp` for what it shards). Checkpoints are folders of safetensors files plus JSON, written to a
 temporary folder and renamed into place, in a checkpoint folder graphopt marks as its own (one
 holding other files is refused: old checkpoints are deleted there); resuming restores weights,
 optimizer states and every RNG, so an interrupted run logs the same losses as an uninterrupted one.
@@ -173,7 +173,13 @@ class _StudentForward(nn.Module):
 
 
 def _shard_fsdp(module: nn.Module, device: torch.device) -> None:
-    """FSDP2: one shard group per block (the classes in diffusers' `_no_split_modules`), then the root.
+    """FSDP2: one shard group per submodule whose class the module lists in `_no_split_modules`
+    (diffusers' block classes, on a pair of diffusers modules), then the root.
+
+    A GraphPair's twins are fx GraphModules: they list no such classes, and a block's weights are
+    read by get_attr, never by calling a block module whose hooks could gather them, so the whole
+    twin is one group (the root's). Its parameters are gathered for each forward and backward: the
+    memory saved is the gradients' and optimizer states', not the weights'.
 
     The mesh is built on the run's device type: FSDP2's default mesh picks CUDA whenever it is
     present, even for a CPU (gloo) run."""

@@ -1,4 +1,5 @@
-"""student: a distillation pair (frozen teacher, trainable student) built from two graphs.
+"""The distillation pair (frozen teacher, trainable student) built from two graphs:
+`GraphPair(student, teacher_graph(student))`.
 
 The teacher is the original model's graph, the student the compressed one (`prune`, `drop`,
 `route` applied). Each side gets a *tapped twin*: a GraphModule over a copy of its fx graph that
@@ -44,40 +45,10 @@ import torch
 from torch import fx, nn
 
 from graphopt.errors import GraphoptError
-from graphopt.pass_manager import Pass, register
 from graphopt.passes.block_importance import _frames_view, _Tap
 from graphopt.router import cond_block, gate_stream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class StudentOptions:
-    teacher: str | None = None          # model folder / .pt2 / shipped name; None: the recipe's source
-    teacher_dtype: str | None = None    # capture the teacher in this precision (None: the student's)
-    timestep_scale: float = 1000.0      # noise level = timestep / timestep_scale (conditions MCA)
-    trust_pickle: bool = False
-
-    def __post_init__(self):
-        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
-            raise GraphoptError(f"student teacher_dtype '{self.teacher_dtype}' unknown; choose "
-                                f"one of {sorted(DTYPES)}")
-        if not self.timestep_scale > 0:
-            raise GraphoptError(f"student timestep_scale must be > 0, got {self.timestep_scale}")
-
-
-@register
-class Student(Pass):
-    """Analysis-like: `run(student_graph)` returns a GraphPair; the graph is not changed."""
-
-    name = "student"
-    Options = StudentOptions
-
-    def run(self, graph) -> "GraphPair":
-        o = self.options
-        teacher = teacher_graph(graph, o.teacher, dtype=o.teacher_dtype,
-                                trust_pickle=o.trust_pickle)
-        return GraphPair(graph, teacher, timestep_scale=o.timestep_scale)
 
 
 def teacher_graph(student, source: str | None = None, *, dtype: str | None = None,
@@ -86,6 +57,8 @@ def teacher_graph(student, source: str | None = None, *, dtype: str | None = Non
     student's input shape, optionally in a lower precision, and check it is the student's origin."""
     from graphopt.capture import capture, load_model
 
+    if dtype is not None and dtype not in DTYPES:
+        raise GraphoptError(f"teacher dtype '{dtype}' unknown; choose one of {sorted(DTYPES)}")
     source = source or student.recipe.model.get("source")
     if not source:
         raise GraphoptError("the student's recipe does not say which model it was compressed "
@@ -188,9 +161,7 @@ class GraphPair:
         for p in self.student_parameters():   # the router's are the trainer's to switch per stage
             p.requires_grad_(True)
         self.timestep_scale = float(timestep_scale)
-        family = student.family
-        self._t_name = family.timestep_input if family is not None else "timestep"
-        self._x_name = family.latent_input if family is not None else "hidden_states"
+        self._t_name, self._x_name = student.timestep_input, student.latent_input
 
     # -- DistillPair
     def forward_teacher(self, inputs: dict):
