@@ -96,6 +96,8 @@ class DataSettings:
                                 f"{self.guidance!r}")
         if self.dtype not in DTYPES:
             raise GraphoptError(f"--dtype {self.dtype!r} unknown; choose one of {sorted(DTYPES)}")
+        # One name per dtype, so that bf16 and bfloat16 resume each other's runs.
+        object.__setattr__(self, "dtype", str(DTYPES[self.dtype]).removeprefix("torch."))
 
 
 def read_prompts(path) -> list[str]:
@@ -120,6 +122,8 @@ def make_data(pipeline_dir, prompts: list[str], out, settings: DataSettings, *,
     (see the module docstring). `progress(index, path)` is called after each item is written."""
     from tqdm.auto import tqdm
 
+    if not prompts:
+        raise GraphoptError("graphopt data needs at least one prompt")
     pipeline_dir = Path(pipeline_dir)
     protect = [pipeline_dir, settings.videos]
     target = check_output_dir(out, protect=protect, overwrite=overwrite)
@@ -173,6 +177,11 @@ def _load_pipeline(folder: Path, class_name: str, settings: DataSettings, device
                    trust_pickle: bool):
     import diffusers
 
+    try:
+        import transformers  # noqa: F401  (the pipeline's text encoder and tokenizer)
+    except ImportError:
+        raise GraphoptError("graphopt data needs transformers for the pipeline's text encoder: "
+                            "pip install 'graphopt[data]'") from None
     if not trust_pickle:
         pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                          if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
@@ -361,7 +370,7 @@ def _finish(work: Path, target: Path, prompts, names, settings: DataSettings, cl
         items.append(item)
     manifest = {"written_by": WRITTEN_BY, "fingerprint": fingerprint, "pipeline": class_name,
                 "source": "samples" if settings.sample_steps is not None else "videos",
-                "settings": asdict(settings), "dtype": str(DTYPES[settings.dtype]).removeprefix("torch."),
+                "settings": asdict(settings), "dtype": settings.dtype,
                 "shapes": shapes, "items": items}
     if settings.sample_steps is not None:
         manifest["trajectory_shapes"] = {"latents": [settings.sample_steps + 1, *shapes["latents"]],

@@ -132,6 +132,17 @@ def test_compress_calibrates_on_the_folder(samples, pipeline_dir, tmp_path, caps
     noise = (last["hidden_states"][0] - (1 - s) * item["latents"]) / s      # x_t = (1-s)·x0 + s·ε
     assert abs(noise.std().item() - 1) < 0.25 and abs(noise.mean().item()) < 0.25
 
+    # The prune pass ranks heads on graph.calibration_data: a bad item there stops it.
+    from graphopt.errors import GraphoptError
+    from graphopt.passes.prune import Prune
+
+    bad = tmp_path / "bad-data"
+    bad.mkdir()
+    save_file({"latents": torch.randn(4, 2, 4, 6)}, str(bad / "0.safetensors"))
+    graph.calibration_data = str(bad)
+    with pytest.raises(GraphoptError, match=r"captured for \(4, 2, 4, 4\)"):
+        Prune(ratio=0.5, criterion="sensitivity").decide(graph)
+
     out = tmp_path / "pruned"
     assert main(["compress", str(pipeline_dir / "transformer"), "--passes", "prune",
                  "--prune-ratio", "0.5", "--prune-criterion", "sensitivity",
