@@ -268,7 +268,8 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--width", type=int, default=832, help="pixel width of a sample")
     p.add_argument("--max-sequence-length", type=int, default=512, help="text tokens")
     p.add_argument("--seed", type=int, default=0, help="item i's noise is seeded by SEED + i")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bf16", "bfloat16", "fp16", "float16"),
+    p.add_argument("--dtype", default="float32",
+                   choices=("float32", "bf16", "bfloat16", "fp16", "float16"),
                    help="dtype of the stored tensors (and of the text encoder and transformer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     p.add_argument("--trust-pickle", action="store_true",

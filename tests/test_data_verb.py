@@ -186,12 +186,14 @@ def test_killed_run_resumes_without_redoing_items(samples, pipeline_dir, tmp_pat
     path = work / "00001.safetensors"
     path.write_bytes(path.read_bytes()[:-16])
     first = (work / "00000.safetensors").stat().st_mtime_ns
+    stray = work / "trajectories" / ".00002.safetensors.0123456789ab.tmp"    # killed mid-write
+    stray.write_bytes(b"half")
 
     made.clear()
     make_data(pipeline_dir, PROMPTS, out, _settings(), progress=lambda i, p: made.append(i))
     assert made == [1, 2]
     assert (out / "00000.safetensors").stat().st_mtime_ns == first
-    assert not work.exists()
+    assert not work.exists() and not list(out.rglob("*.tmp"))
     for name in ["manifest.json", *(f"{d}0000{i}.safetensors" for d in ("", "trajectories/")
                                     for i in range(3))]:
         assert (out / name).read_bytes() == (samples / name).read_bytes(), name
