@@ -32,8 +32,8 @@ read; nothing is pickled):
 Resumable: the items are written to `.OUT.partial/` next to OUT (marked as graphopt's), each one
 under a temporary name then renamed, so an item there is complete; a rerun of the same command
 keeps them (after checking each file's size against its header) and makes only the rest. A run
-with other settings or prompts starts over. OUT appears, whole, when the last item is written
-(graphopt.io.replace_dir); a rerun that finds OUT made with the same settings leaves it as it is.
+with other settings, prompts or pipeline files starts over. OUT appears, whole, when the last item
+is written (graphopt.io.replace_dir); a rerun that finds OUT made by the same command leaves it.
 """
 from __future__ import annotations
 
@@ -296,8 +296,10 @@ def _item_names(count: int) -> list[str]:
 
 def _fingerprint(pipeline_dir: Path, prompts: list[str], settings: DataSettings,
                  clips: list[Path] | None) -> str:
-    record = {"pipeline": str(pipeline_dir.resolve()),
-              "model_index": (pipeline_dir / "model_index.json").read_text(),
+    # The pipeline's files by name, size and time: other weights make other items.
+    files = sorted((str(f.relative_to(pipeline_dir)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in pipeline_dir.rglob("*") if f.is_file())
+    record = {"pipeline": str(pipeline_dir.resolve()), "files": files,
               "prompts": prompts, "settings": asdict(settings),
               "clips": None if clips is None else [(c.name, c.stat().st_size) for c in clips]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
