@@ -83,7 +83,8 @@ class DataSettings:
                                 "of the two")
         if self.sample_steps is not None and (not isinstance(self.sample_steps, int)
                                               or self.sample_steps < 1):
-            raise GraphoptError(f"--sample-steps must be an integer >= 1, got {self.sample_steps!r}")
+            raise GraphoptError(f"--sample-steps must be an integer >= 1, got "
+                                f"{self.sample_steps!r}")
         for name in ("num_frames", "height", "width", "max_sequence_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -128,6 +129,8 @@ def make_data(pipeline_dir, prompts: list[str], out, settings: DataSettings, *,
     protect = [pipeline_dir, settings.videos]
     target = check_output_dir(out, protect=protect, overwrite=overwrite)
     class_name = _pipeline_class(pipeline_dir)
+    if settings.sample_steps is not None:
+        _check_sample_size(pipeline_dir, settings)
     clips = _clips(Path(settings.videos), len(prompts)) if settings.videos else None
     fingerprint = _fingerprint(pipeline_dir, prompts, settings, clips)
     if _manifest(target).get("fingerprint") == fingerprint:
@@ -186,8 +189,9 @@ def _load_pipeline(folder: Path, class_name: str, settings: DataSettings, device
         pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                          if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
         if pickled:
-            raise GraphoptError(f"'{folder}' holds pickled weights ({pickled[0]}); loading them can "
-                                f"run code: convert them to safetensors, or pass --trust-pickle")
+            raise GraphoptError(f"'{folder}' holds pickled weights ({pickled[0]}); loading them "
+                                f"can run code: convert them to safetensors, or pass "
+                                f"--trust-pickle")
     dtype = DTYPES[settings.dtype]
     # The VAE stays in float32, as Wan's own examples keep it (its bf16 latents drift).
     torch_dtype = {"default": dtype, "vae": torch.float32}
@@ -200,7 +204,8 @@ def _load_pipeline(folder: Path, class_name: str, settings: DataSettings, device
     try:
         pipe.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise GraphoptError(f"cannot use --device {device}: {str(e).strip().splitlines()[0]}") from None
+        raise GraphoptError(f"cannot use --device {device}: "
+                            f"{str(e).strip().splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -222,6 +227,32 @@ def _item(pipe, prompt: str, settings: DataSettings, seed: int, clip: Path | Non
     tensors = {"latents": latents[0], "encoder_hidden_states": text[0],
                "negative_encoder_hidden_states": negative[0]}
     return {k: v.to("cpu", dtype) for k, v in tensors.items()}, trajectory
+
+
+def _check_sample_size(folder: Path, settings: DataSettings) -> None:
+    """The pipeline would round a size it cannot patchify; the data must be what was asked.
+    Checked from the configs, before the weights load (WanPipeline's defaults where unset)."""
+    vae = _read_json(folder / "vae" / "config.json")
+    transformer = _read_json(folder / "transformer" / "config.json")
+    t, s = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
+    _, patch_h, patch_w = transformer.get("patch_size", (1, 2, 2))
+    if ((settings.num_frames - 1) % t or settings.height % (s * patch_h)
+            or settings.width % (s * patch_w)):
+        raise GraphoptError(f"a {settings.num_frames}-frame {settings.height}x{settings.width} "
+                            f"sample does not fit this pipeline: --num-frames must be {t}k + 1, "
+                            f"--height a multiple of {s * patch_h}, --width of {s * patch_w}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GraphoptError(f"the pipeline lacks '{path}'") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraphoptError(f"cannot read '{path}': {e}") from None
+    if not isinstance(value, dict):
+        raise GraphoptError(f"'{path}' is not a JSON object")
+    return value
 
 
 def _sample(pipe, text, negative, settings: DataSettings, seed: int, device: str):

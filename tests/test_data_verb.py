@@ -4,6 +4,7 @@ and loaded by the verb with from_pretrained: its folder feeds `compress --calibr
 `distill`, a killed run resumes, bf16 is written where asked."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -248,6 +249,13 @@ def test_bad_input_is_one_line_and_exit_2(pipeline_dir, prompts_file, tmp_path, 
     fails(pipeline_dir, "--prompts", prompts_file, "-o", tmp_path / "o", match="--sample-steps N")
     fails(pipeline_dir, "--prompts", prompts_file, "-o", tmp_path / "o", "--sample-steps", 1,
           "--videos", tmp_path, match="one of the two")
+    fails(pipeline_dir, "--prompts", prompts_file, "-o", tmp_path / "o", "--sample-steps", 1,
+          "--height", 40, match="--height a multiple of 16")
+    pickled = tmp_path / "pickled-pipeline"
+    shutil.copytree(pipeline_dir, pickled)
+    (pickled / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    fails(pickled, "--prompts", prompts_file, "-o", tmp_path / "o", "--sample-steps", 1,
+          match="pickled weights")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     fails(pipeline_dir, "--prompts", empty, "-o", tmp_path / "o", "--sample-steps", 1,
