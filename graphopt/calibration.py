@@ -14,6 +14,17 @@ Inputs (`calibration_inputs`) are either synthesized or read from a safetensors 
   shape (N·B, *rest) where (B, *rest) is the captured input's shape. The latent and the timestep
   are required; inputs the file leaves out keep their example values. Samples are read from the
   file one at a time, when used (`CalibrationFile`).
+- a data folder (`data=folder`, what `graphopt data` writes, also `[data] folder` of distillation):
+  *.safetensors items holding a clean latent `latents` (the latent input without its batch dim)
+  and text states `encoder_hidden_states` (+ `negative_encoder_hidden_states`, the CFG pass's).
+  Every item is used, at each calibration timestep t (drawn as for synthesized inputs), noised
+  as flow matching does: x_t = (1 − s)·x0 + s·ε, s = t / 1000, ε seeded by (seed, item, t). Each
+  text state of an item is a batch row of its own with the same x_t (the teacher runs both CFG
+  passes), B rows to an input for a model captured at batch B. Items are read when used
+  (`CalibrationFolder`).
+
+`graph.calibration_data`, where set (`graphopt compress --calibration`), is the `data` of every
+analysis that calibrates without being given one.
 
 `run_attentions` runs the graph node by node (`torch.fx.Interpreter`, which frees every value
 after its last use) and calls a statistic at each chosen `scaled_dot_product_attention` node with
@@ -82,13 +93,16 @@ def calibration_inputs(graph, *, timesteps: int | Sequence[float] = 4, samples: 
     """Model inputs (forward kwargs) to calibrate on; see the module docstring.
 
     `timesteps` × `samples` synthesized inputs, or, with `data`, the file's samples (then
-    `timesteps`, `samples` and `seed` are not used).
+    `timesteps`, `samples` and `seed` are not used) or the folder's items at `timesteps`.
     """
     latent_name, t_name = _input_names(graph)
-    if data is not None:
+    data = data if data is not None else getattr(graph, "calibration_data", None)
+    if data is not None and not Path(data).is_dir():
         return _load_calibration_file(graph, Path(data), latent_name, t_name)
     check_calibration(timesteps if isinstance(timesteps, int) else tuple(timesteps), samples)
     ts = calibration_timesteps(timesteps, seed) if isinstance(timesteps, int) else list(timesteps)
+    if data is not None:
+        return CalibrationFolder(graph, Path(data), latent_name, t_name, ts, seed)
     example = graph.example_inputs
     states = [k for k in _text_inputs(graph)
               if isinstance(example.get(k), torch.Tensor) and example[k].is_floating_point()
@@ -186,6 +200,107 @@ class CalibrationFile(Sequence):
                 ref = self.example[k]
                 b = ref.shape[0]
                 item[k] = f.get_slice(k)[i * b:(i + 1) * b].to(device=ref.device, dtype=ref.dtype)
+        return item
+
+
+TEXT_KEYS = ("encoder_hidden_states", "negative_encoder_hidden_states")
+
+
+def data_folder_items(folder: Path) -> list[tuple[Path, dict[str, tuple[int, ...]]]]:
+    """The items of a data folder and the shape of each tensor they hold."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GraphoptError(f"calibration data folder '{folder}' has no *.safetensors items; "
+                            f"write one with `graphopt data`")
+    items = []
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                items.append((path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}))
+        except (SafetensorError, OSError) as e:
+            raise GraphoptError(f"cannot read calibration item '{path}': {e}") from None
+    return items
+
+
+def data_folder_sizes(folder, latent_layout: str) -> dict[str, int]:
+    """InputSpec sizes (frames, height, width, text_len) that fit the items of a data folder, for
+    a family whose latent input has axes `latent_layout` ("BCFHW", "BFCHW", "BCHW")."""
+    path, shapes = data_folder_items(Path(folder))[0]
+    latent = shapes.get("latents")
+    axes = latent_layout.removeprefix("B")
+    if latent is None or len(latent) != len(axes) or "N" in axes:
+        raise GraphoptError(f"calibration item '{path}' holds no `latents` of axes {axes} (found "
+                            f"{shapes}); graphopt data writes them for the pipeline's transformer")
+    sizes = {"frames": latent[axes.index("F")] if "F" in axes else 1,
+             "height": latent[axes.index("H")], "width": latent[axes.index("W")]}
+    if "encoder_hidden_states" in shapes:
+        sizes["text_len"] = shapes["encoder_hidden_states"][0]
+    return sizes
+
+
+class CalibrationFolder(Sequence):
+    """The inputs made from a data folder's items (see the module docstring), each built when it
+    is used, so a long calibration set is never in memory whole."""
+
+    def __init__(self, graph, folder: Path, latent_name: str, t_name: str, timesteps: list[float],
+                 seed: int):
+        example = graph.example_inputs
+        self.example, self.latent_name, self.t_name = example, latent_name, t_name
+        self.timesteps, self.seed = timesteps, seed
+        self.batch = example[latent_name].shape[0]
+        self.paths, self.rows = [], []           # rows: (item index, text key or None)
+        for path, shapes in data_folder_items(folder):
+            self._check(path, shapes, "latents", latent_name)
+            keys = [k for k in TEXT_KEYS if k in shapes]
+            for key in keys:
+                self._check(path, shapes, key, "encoder_hidden_states")
+            self.rows += [(len(self.paths), key) for key in keys or [None]]
+            self.paths.append(path)
+        self.per_timestep = -(-len(self.rows) // self.batch)
+
+    def _check(self, path: Path, shapes: dict, key: str, input_name: str) -> None:
+        ref = self.example.get(input_name)
+        if not isinstance(ref, torch.Tensor):
+            raise GraphoptError(f"calibration item '{path}' holds `{key}`, but the model has no "
+                                f"tensor input '{input_name}' (it has {sorted(self.example)})")
+        if shapes[key] != tuple(ref.shape[1:]):
+            raise GraphoptError(
+                f"calibration item '{path}' has `{key}` of shape {shapes[key]}, but the model was "
+                f"captured for {tuple(ref.shape[1:])} (batch dim left out): capture it at the "
+                f"data's sizes (`graphopt compress --calibration` does), or write the data at the "
+                f"model's")
+
+    def __len__(self) -> int:
+        return len(self.timesteps) * self.per_timestep
+
+    def __getitem__(self, i: int) -> dict:
+        from safetensors.torch import load_file
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        k, chunk = divmod(i % len(self), self.per_timestep)
+        t = self.timesteps[k]
+        rows = [self.rows[(chunk * self.batch + r) % len(self.rows)] for r in range(self.batch)]
+        loaded = {j: load_file(str(self.paths[j])) for j, _ in rows}
+        s = t / 1000.0
+        latents, texts = [], []
+        for j, key in rows:
+            x0 = loaded[j]["latents"].float()
+            # One draw per (item, timestep): an item's CFG rows share their x_t.
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + j * len(self.timesteps) + k))
+            latents.append((1 - s) * x0 + s * noise)
+            if key is not None:
+                texts.append(loaded[j][key])
+        item = dict(self.example)
+        ref = self.example[self.latent_name]
+        item[self.latent_name] = torch.stack(latents).to(device=ref.device, dtype=ref.dtype)
+        if texts:
+            ref = self.example["encoder_hidden_states"]
+            item["encoder_hidden_states"] = torch.stack(texts).to(device=ref.device, dtype=ref.dtype)
+        item[self.t_name] = torch.full_like(self.example[self.t_name], t)
         return item
 
 

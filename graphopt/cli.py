@@ -52,9 +52,16 @@ def _capture_from_args(args):
     if isinstance(model, torch.nn.Module):
         overrides = {k: getattr(args, k) for k in ("frames", "height", "width", "batch")
                      if getattr(args, k) is not None}
+        if getattr(args, "calibration", None) is not None:
+            # Example inputs at the calibration data's sizes (what is given explicitly wins).
+            from graphopt.calibration import data_folder_sizes
+            overrides = {**data_folder_sizes(args.calibration,
+                                             families.family_for(model).latent_layout), **overrides}
         if overrides:
             spec = dataclasses.replace(families.family_for(model).default_spec, **overrides)
     graph = capture(model, spec=spec, trust_pickle=args.trust_pickle)
+    if getattr(args, "calibration", None) is not None:
+        graph.calibration_data = args.calibration    # what every calibrating analysis runs on
     # The recipe names the model it came from (`graphopt distill` finds its teacher there).
     path = Path(args.model)
     graph.source = graph.recipe.model["source"] = str(path.resolve()) if path.exists() else args.model
@@ -86,7 +93,10 @@ def cmd_compress(args) -> int:
 
     from graphopt.compress import compress
 
-    _check_output(args, args.model)
+    _check_output(args, args.model, args.calibration)
+    if args.calibration is not None and not Path(args.calibration).is_dir():
+        raise GraphoptError(f"--calibration '{args.calibration}' is not a folder: give one written "
+                            f"by `graphopt data`")
     graph = _capture_from_args(args)
     options = {}
     for spec in args.option or []:
@@ -102,7 +112,7 @@ def cmd_compress(args) -> int:
             options.setdefault(name, {})[key] = getattr(args, attr)
     passes = [p for p in args.passes.split(",") if p]
     compress(graph, passes, options, out=args.output, verify=args.verify, console=Console(),
-             overwrite=args.overwrite, protect=[args.model])
+             overwrite=args.overwrite, protect=[args.model, args.calibration])
     return 0
 
 
@@ -226,6 +236,54 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from rich.console import Console
+
+    from graphopt.datagen import DataSettings, make_data, read_prompts
+
+    settings = DataSettings(sample_steps=args.sample_steps, videos=args.videos,
+                            negative_prompt=args.negative_prompt, guidance=args.guidance,
+                            num_frames=args.num_frames, height=args.height, width=args.width,
+                            max_sequence_length=args.max_sequence_length, seed=args.seed,
+                            dtype=args.dtype)
+    _check_output(args, args.pipeline, args.prompts, args.videos)
+    make_data(args.pipeline, read_prompts(args.prompts), args.output, settings, device=args.device,
+              trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+              console=Console(stderr=True))
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="calibration and distillation data from a diffusers pipeline "
+                                    "and prompts: text states, and the teacher's samples or "
+                                    "real clips' latents (resumable)")
+    p.add_argument("pipeline", help="diffusers pipeline folder (model_index.json; WanPipeline)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder; rerun the same command to resume an interrupted run")
+    _add_overwrite_arg(p)
+    p.add_argument("--sample-steps", type=int, metavar="N",
+                   help="latents: the teacher's own samples, N denoising steps (their "
+                        "trajectories are kept too)")
+    p.add_argument("--videos", metavar="DIR",
+                   help="latents: VAE latents of real clips, one *.safetensors `video` tensor "
+                        "(frames, 3, H, W) per prompt, paired in name order")
+    p.add_argument("--negative-prompt", default="", help="the CFG pass's prompt (default empty)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the samples")
+    p.add_argument("--num-frames", type=int, default=81, help="pixel frames of a sample")
+    p.add_argument("--height", type=int, default=480, help="pixel height of a sample")
+    p.add_argument("--width", type=int, default=832, help="pixel width of a sample")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="text tokens")
+    p.add_argument("--seed", type=int, default=0, help="item i's noise is seeded by SEED + i")
+    p.add_argument("--dtype", default="float32",
+                   choices=("float32", "bf16", "bfloat16", "fp16", "float16"),
+                   help="dtype of the stored tensors (and of the text encoder and transformer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pipeline whose weights are pickles (can run code when loaded)")
+    p.set_defaults(func=cmd_data)
+
+
 def cmd_demo(args) -> int:
     from graphopt.demo import run_demo
 
@@ -264,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any pass option, e.g. prune.min_heads=2 (repeatable)")
     p.add_argument("--verify", action="store_true",
                    help="check each pass's equivalence promise on the example batch")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="data folder (`graphopt data`) the calibrating analyses run on, noised at "
+                        "their timesteps; the model is captured at its latent and text sizes")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("apply", help="stream a recipe onto a sharded safetensors checkpoint "
@@ -324,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"),
                    help="TensorRT engine precision (--format trt)")
     p.set_defaults(func=cmd_export)
+
+    _add_data_parser(sub)
 
     p = sub.add_parser("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
                                     "compress, distill, export ONNX, bench, score; writes a report folder")

@@ -522,6 +522,29 @@ def _mochi_output(config: Mapping[str, Any], spec: InputSpec) -> tuple[int, ...]
     return _video_output(config, spec, config["out_channels"] or config["in_channels"])
 
 
+def _mochi_prepare_for_export(model: nn.Module, spec: InputSpec) -> nn.Module:
+    """Let a Mochi model built on the meta device be captured.
+
+    MochiRoPE._create_rope opens `torch.autocast(freqs.device.type, torch.float32)` around its
+    frequency einsum, and torch.autocast has no "meta" device type ("User specified an unsupported
+    autocast device_type 'meta'"). On meta the region is opened for "cpu" instead, disabled: what
+    CPU autocast makes of a float32 region (it has no float32 autocast), so the meta graph is the
+    CPU capture's, `wrap_with_autocast('cpu', torch.float32, False)` included. Other devices keep
+    diffusers' method.
+    """
+    rope = model.rope
+    if model.pos_frequencies.device.type != "meta" or "_create_rope" in vars(rope):
+        return model
+
+    def create_rope(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", torch.float32, enabled=False):
+            freqs = torch.einsum("nd,dhf->nhf", pos.to(torch.float32), freqs.to(torch.float32))
+        return torch.cos(freqs), torch.sin(freqs)
+
+    rope._create_rope = create_rope
+    return model
+
+
 _MOCHI_TINY = {
     "patch_size": 2,
     "num_attention_heads": 4,
@@ -902,6 +925,7 @@ FAMILIES: dict[str, Family] = {
                 AttentionLayout(r"time_embed\.pooler", "text", "text"),
             ),
             blocks=_TRANSFORMER_BLOCKS_VIDEO,
+            prepare_for_export=_mochi_prepare_for_export,
         ),
         Family(
             name="latte",
@@ -980,8 +1004,9 @@ FAMILIES: dict[str, Family] = {
 _BY_CLASS: dict[str, Family] = {name: family for family in FAMILIES.values() for name in family.class_names}
 
 # Full-size architectures, from the published diffusers configs (transformer/config.json of
-# Wan-AI/Wan2.1-T2V-14B-Diffusers and hunyuanvideo-community/HunyuanVideo), with the latent each
-# is run at (Wan: 81 frames 480p; HunyuanVideo: 129 frames 720p). For meta-device work: capture,
+# Wan-AI/Wan2.1-T2V-14B-Diffusers, hunyuanvideo-community/HunyuanVideo and genmo/mochi-1-preview,
+# whose values are MochiTransformer3DModel's defaults), with the latent each is run at (Wan: 81
+# frames 480p; HunyuanVideo: 129 frames 720p; Mochi: 163 frames 480x848, VAE ratios 6 and 8). For meta-device work: capture,
 # structural passes and cost without the weights (`build_model(name, PUBLISHED[name][0], "meta")`).
 PUBLISHED: Mapping[str, tuple[dict[str, Any], InputSpec]] = MappingProxyType({
     "wan2.1-t2v-14b": ({
@@ -998,6 +1023,12 @@ PUBLISHED: Mapping[str, tuple[dict[str, Any], InputSpec]] = MappingProxyType({
         "text_embed_dim": 4096, "pooled_projection_dim": 768, "rope_theta": 256.0,
         "rope_axes_dim": [16, 56, 56],
     }, InputSpec(batch=1, frames=33, height=90, width=160, text_len=256)),
+    "mochi-1-10b": ({
+        "_class_name": "MochiTransformer3DModel", "patch_size": 2, "num_attention_heads": 24,
+        "attention_head_dim": 128, "num_layers": 48, "pooled_projection_dim": 1536,
+        "in_channels": 12, "out_channels": None, "qk_norm": "rms_norm", "text_embed_dim": 4096,
+        "time_embed_dim": 256, "activation_fn": "swiglu", "max_sequence_length": 256,
+    }, InputSpec(batch=1, frames=28, height=60, width=106, text_len=256)),
 })
 
 

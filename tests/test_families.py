@@ -433,3 +433,43 @@ def test_input_spec_rejects_bad_values():
         InputSpec(batch=0)
     with pytest.raises(GraphoptError, match="floating"):
         InputSpec(dtype=torch.int64)
+
+
+def _node_targets(graph) -> list[str]:
+    return [str(n.target) for n in graph.gm.graph.nodes if n.op == "call_function"]
+
+
+def test_mochi_captures_on_meta_as_on_cpu():
+    """Mochi's RoPE opens torch.autocast(freqs.device.type, float32), which has no 'meta' device
+    type: without the family's fix-up the meta capture fails. With it, the meta graph is the CPU one."""
+    from graphopt.capture import capture
+
+    one_block = {**FAMILIES["mochi"].tiny_config, "num_layers": 1}
+    cpu = capture(build_model("mochi", one_block))
+    meta = capture(build_model("mochi", one_block, "meta"))
+    assert meta.is_meta and not cpu.is_meta
+    assert _node_targets(meta) == _node_targets(cpu)
+    autocast = [n.args[:3] for n in meta.gm.graph.nodes if "autocast" in str(n.target)]
+    assert autocast == [("cpu", torch.float32, False)]
+
+
+def test_mochi_published_architecture_captures_on_meta_at_its_real_latent_size():
+    """genmo/mochi-1-preview's transformer (diffusers' defaults) at 163 frames 480x848: every
+    published value, with 2 of its 48 blocks so the test stays short (each block is the same
+    MochiTransformerBlock; `tools/bench_meta_scale.py --arch mochi-1-10b` runs all 48)."""
+    from graphopt.capture import capture
+    from graphopt.cost import model_cost
+    from graphopt.families import PUBLISHED
+
+    config, spec = PUBLISHED["mochi-1-10b"]
+    defaults = public_config(build_model("mochi", {**config, "num_layers": 1}, "meta").config)
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == {**defaults, "num_layers": 48}
+    model = build_model("mochi", {**config, "num_layers": 2}, "meta")
+    graph = capture(model, spec=dataclasses.replace(spec, device="meta"))
+    assert graph.is_meta and len(graph.blocks) == 2
+    output = [n for n in graph.gm.graph.nodes if n.op == "output"][0].args[0][0]
+    assert tuple(output.meta["val"].shape) == (1, 12, 28, 60, 106)
+    tokens = 28 * 30 * 53 + 256
+    flops = model_cost(graph).flops
+    attention = 2 * 2 * 24 * 128 * tokens**2       # QK^T and PV of one block's joint attention
+    assert flops > 2 * attention
