@@ -206,7 +206,9 @@ def slot_examples(graph) -> dict[str, torch.Tensor]:
 def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of `gm` whose cache state is explicit: `cache_valid` and one `cache_<key>` input per
     read slot come after the model's inputs, one `cache_<key>` output per written slot after its
-    outputs (same keys, same order). Returns (the lifted module, the slot keys).
+    outputs (same keys, same order). Returns (the lifted module, the slot keys). It is called as
+    `gm` is (the model's keyword arguments, flattened as the capture flattens them) with the state
+    inputs as more keywords.
 
     The lifted graph is a plain function of its inputs, so torch.export traces it into a graph
     whose state an exporter can name (ONNX inputs/outputs); the eager module keeps the state."""
@@ -243,7 +245,22 @@ def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
     output.args = (outs + tuple(written[k] for k in keys),)
     delattr(new, STATE_MODULE)
-    new._in_spec = new._out_spec = None
-    g._codegen = fx.graph.CodeGen()
+    _extend_calling_convention(g, [VALID_INPUT] + [f"cache_{k}" for k in keys], len(keys))
     new.recompile()
     return new, keys
+
+
+def _extend_calling_convention(g: fx.Graph, inputs: list[str], outputs: int) -> None:
+    """A captured graph flattens its keyword arguments (a tuple argument becomes several inputs)
+    and rebuilds its output tuple: give that convention `inputs` as more keywords (their
+    placeholders come last) and `outputs` more outputs."""
+    from torch.utils import _pytree as pytree
+
+    info = getattr(g._codegen, "pytree_info", None)
+    if info is None:
+        return
+    args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+    in_spec = pytree.tree_structure((args, {**kwargs, **{name: 0 for name in inputs}}))
+    out_spec = pytree.tree_structure(tuple(range(info.out_spec.num_leaves + outputs)))
+    g._codegen.pytree_info = info._replace(orig_args=[*info.orig_args, *inputs], in_spec=in_spec,
+                                           out_spec=out_spec)

@@ -279,8 +279,8 @@ def test_reuse_state_lifts_to_inputs_and_outputs(models):
         state = [torch.zeros_like(v) for v in _slot_likes(routed, inputs)]
         valid = torch.tensor(False)
         for s, want in zip((900., 800.), eager):
-            feed = routed.flat_inputs({**inputs, t: torch.full_like(inputs[t], s)})
-            out = lifted(*feed, valid, *state)
+            out = lifted(**{**inputs, t: torch.full_like(inputs[t], s), "cache_valid": valid},
+                         **{f"cache_{k}": v for k, v in zip(keys, state)})
             state, valid = list(out[len(out) - len(keys):]), torch.tensor(True)
             assert torch.equal(out[0], want)
 
