@@ -133,11 +133,9 @@ def _check_no_pickled_weights(path: Path, has_safetensors: bool) -> None:
                             f"can run code: convert them to safetensors, or pass --trust-pickle")
     index = path / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise GraphoptError(f"'{index}' is not a safetensors index (a JSON object with a "
-                                f"weight_map)") from None
+        from graphopt.io import read_index
+
+        shards = set(read_index(index)[0].values())
         pickled = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
         if pickled:
             raise GraphoptError(f"'{index}' lists weights that are not safetensors ({pickled[0]}); "

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation TOML, e.g. graphopt/assets/distill_tiny.toml")
     p.add_argument("--teacher", help="the uncompressed model (default: the recipe's source)")
     p.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="run the frozen teacher in this precision")
+                   help="run the frozen teacher in this precision (default: the dtype its weights have)")
     p.add_argument("-o", "--output", required=True,
                    help="output folder (same layout as `graphopt compress` output)")
     _add_overwrite_arg(p)
@@ -472,7 +472,10 @@ def quiet_libraries():
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:       # a bad option (its one line is printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     try:
         with contextlib.nullcontext() if args.debug else quiet_libraries():
             return args.func(args)

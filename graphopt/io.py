@@ -191,6 +191,27 @@ def inside_folder(folder, name, what: str) -> Path:
     return path
 
 
+def read_index(path) -> tuple[dict[str, str], dict]:
+    """(weight_map, metadata) of the safetensors index at `path`: JSON of the right shape whose
+    shards all lie inside the index's folder (see `inside_folder`); else a GraphoptError."""
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraphoptError(f"'{path}' is not valid JSON ({e}): write it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in weight_map.items())):
+        raise GraphoptError(f"'{path}' is not a safetensors index: it needs a 'weight_map' object "
+                            f"mapping tensor names to shard file names")
+    if not isinstance(metadata, dict):
+        raise GraphoptError(f"'{path}': 'metadata' must be an object")
+    for shard in sorted(set(weight_map.values())):
+        inside_folder(path.parent, shard, f"the index '{path}'")
+    return weight_map, metadata
+
+
 def replace_dir(new: Path, path, *, protect=(), overwrite: bool = False) -> Path:
     """Swap the finished folder `new` (marked, next to `path`) in for `path`; see the module
     docstring. Checks `path` again first: it may have changed while the run worked."""

@@ -22,6 +22,7 @@ import ast
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -61,9 +62,16 @@ def load_exported(path: Path, *, trust_pickle: bool) -> torch.export.ExportedPro
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
+            # torch's reader does not check CRCs: a corrupt weight would load as wrong numbers.
+            broken = zf.testzip()
     except zipfile.BadZipFile:
         raise GraphoptError(f"'{path}' is not a torch.export archive (not a zip file); write it "
                             f"with torch.export.save(torch.export.export(model, ...), path)") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise GraphoptError(f"'{path}' is a damaged zip file ({e}): copy or save it again") from None
+    if broken is not None:
+        raise GraphoptError(f"'{path}': member {broken} fails its CRC check, so the file is "
+                            f"corrupt: copy or save it again")
     if trust_pickle:
         return _read(path, lambda: torch.export.load(path))
     if LEGACY_GRAPH in names:

@@ -63,6 +63,8 @@ class Recipe:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise GraphoptError(f"recipe '{path}' is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise GraphoptError(f"recipe '{path}' is not text (UTF-8 JSON)") from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise GraphoptError(f"'{path}' is not a graphopt recipe (missing schema '{SCHEMA}')")
         if data.get("version") != VERSION:
@@ -166,7 +168,9 @@ def _describe(hint) -> str:
         return "null"
     if hint in (tuple, list) or origin in (tuple, list):
         items = [a for a in args if a is not Ellipsis]
-        return f"a list of {_describe(items[0])}s" if len(items) == 1 else "a list"
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(items[0], _describe(items[0]))}" if len(items) == 1 \
+            else "a list"
     if hint is dict or origin is dict:
         return "an object"
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
