@@ -686,3 +686,25 @@ def check_call_inputs(specs: Iterable[TensorSpec], batch_dim: str, kwargs: Mappi
         if spec.shape[:1] == (batch_dim,) and len(shape) == len(spec.shape) and shape[0] == 0:
             raise GraphoptError(f"the {what} got an empty batch ('{spec.name}' has shape "
                                 f"{list(shape)}): pass at least one sample")
+
+
+def onnx_metadata(path: Path, prefix: str = "graphopt.") -> dict[str, Any]:
+    """The metadata entries of the ONNX file at `path` whose keys start with `prefix`, each value
+    parsed as JSON (graphopt writes JSON there); a malformed value is a GraphoptError naming the
+    key. Weights are not read."""
+    import onnx
+
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception as exc:  # protobuf reports a corrupt file in several ways
+        raise GraphoptError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}): is it "
+                            f"complete?") from None
+    out = {}
+    for prop in props:
+        if prop.key.startswith(prefix):
+            try:
+                out[prop.key] = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise GraphoptError(f"'{path}': metadata '{prop.key}' is not valid JSON ({exc.msg}); "
+                                    f"re-export the model") from None
+    return out

@@ -201,6 +201,14 @@ def _from_exported(ep, example_inputs, label) -> DiTGraph:
     # so that role-aware passes know the token layout and graphopt.load can rebuild the result.
     family, config, spec = pt2.identify(ep, example_inputs)
     token_layout = family.token_layout(config, spec) if spec is not None else None
+    # Traced again, as a fresh capture is: the graph torch.export.load deserializes gives routed
+    # blocks' torch.cond branches strides cond cannot merge (route fails on it).
+    try:
+        ep = torch.export.export(ep.module(), (), example_inputs, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(f"torch.export could not trace {label} again: {first}; run with "
+                            f"--debug for the full trace") from None
     return _finish(ep.module(), example_inputs, family, config, spec, token_layout, label)
 
 

@@ -511,3 +511,19 @@ def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(made):
         with pytest.raises(GraphoptError, match="'timestep' must be a tensor"):
             check_call_inputs(manifest.inputs, manifest.batch_dim, {**good, "timestep": timestep},
                               "segmented model")
+
+
+def test_malformed_onnx_metadata_is_refused_by_name(made, tmp_path):
+    import onnx
+
+    from graphopt.exporters.manifest import onnx_metadata
+
+    path = _copy(made, "segmented", tmp_path) / "prologue.onnx"
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"graphopt.blocks": "[0, 1]", "other": "{"})
+    onnx.save(model, str(path))
+    assert onnx_metadata(path) == {"graphopt.blocks": [0, 1]}
+    onnx.helper.set_model_props(model, {"graphopt.blocks": "[0, "})
+    onnx.save(model, str(path))
+    with pytest.raises(GraphoptError, match="metadata 'graphopt.blocks' is not valid JSON"):
+        onnx_metadata(path)
