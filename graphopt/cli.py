@@ -125,9 +125,7 @@ def cmd_inspect(args) -> int:
 def cmd_compress(args) -> int:
     from rich.console import Console
 
-    from graphopt.compress import compress
-
-    from graphopt.compress import check_request
+    from graphopt.compress import check_request, compress
 
     if args.output is None:
         args.output = _default_output(args.model, args.overwrite)
@@ -191,7 +189,6 @@ def cmd_bench(args) -> int:
     from rich.console import Console
 
     from graphopt.bench import DEFAULT_BACKENDS, bench, check_options, load_pair, plot, render
-
     from graphopt.io import check_output_file
 
     device = _check_device(args.device)

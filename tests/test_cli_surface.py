@@ -50,6 +50,7 @@ def test_library_deprecations_are_hidden_and_graphopts_warnings_shown():
     assert [str(w.message) for w in seen] == ["extra tensors ignored"]
 
 
+@pytest.mark.slow
 def test_inspect_of_an_archive_prints_no_library_noise(tmp_path):
     """The real entry point on a `.pt` archive (torch warns about the extension) and a diffusers
     folder whose weights do not fit its config (diffusers logs pages first): stdout is the answer,
