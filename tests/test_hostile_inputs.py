@@ -26,25 +26,31 @@ DROP = object()      # a mutation value: remove the key
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A compressed folder (prune by magnitude: no model runs), its segmented ONNX export, a
-    diffusers folder and a torch.export archive, all of tiny:wan."""
+    """A compressed folder (prune by magnitude: no model runs), a diffusers folder and a
+    torch.export archive, all of tiny:wan."""
     from graphopt import capture
     from graphopt.compress import compress
-    from graphopt.exporters.onnx import export_onnx
     from graphopt.families import FAMILIES, build_model
 
     root = tmp_path_factory.mktemp("made")
     compress(capture("tiny:wan"), ["prune"], {"prune": {"criterion": "magnitude"}},
              out=root / "compressed")
-    from graphopt.serialize import load
-
-    export_onnx(load(root / "compressed"), root / "segmented", layout="segmented")
     model = build_model("wan")
     model.save_pretrained(root / "diffusers")
     family = FAMILIES["wan"]
     inputs = family.example_inputs(dict(model.config), family.default_spec)
     torch.export.save(torch.export.export(model, (), inputs, strict=False), root / "wan.pt2")
     return root
+
+
+@pytest.fixture(scope="module")
+def segmented(made):
+    """`made`, with the compressed folder's segmented ONNX export in it (made / "segmented")."""
+    from graphopt.exporters.onnx import export_onnx
+    from graphopt.serialize import load
+
+    export_onnx(load(made / "compressed"), made / "segmented", layout="segmented")
+    return made
 
 
 def _copy(made, name, tmp_path) -> Path:
@@ -411,10 +417,10 @@ MANIFEST_CASES = [
 @pytest.mark.parametrize("keys,value,message", MANIFEST_CASES,
                          ids=[f"{'.'.join(map(str, k)) or 'whole'}={v!r:.20}"
                               for k, v, _ in MANIFEST_CASES])
-def test_a_bad_manifest_field_is_refused(made, tmp_path, keys, value, message):
+def test_a_bad_manifest_field_is_refused(segmented, tmp_path, keys, value, message):
     from graphopt.exporters.onnx import load_onnx
 
-    folder = _copy(made, "segmented", tmp_path)
+    folder = _copy(segmented, "segmented", tmp_path)
     if keys:
         _mutate_json(folder / "manifest.json", keys, value)
     else:
@@ -425,17 +431,17 @@ def test_a_bad_manifest_field_is_refused(made, tmp_path, keys, value, message):
     assert len(text.splitlines()) == 1 and message in text, text
 
 
-def test_the_manifest_records_a_hash_of_every_file_it_reads(made):
-    manifest = json.loads((made / "segmented" / "manifest.json").read_text())
+def test_the_manifest_records_a_hash_of_every_file_it_reads(segmented):
+    manifest = json.loads((segmented / "segmented" / "manifest.json").read_text())
     files = {s["file"] for s in manifest["segments"]}
     assert files <= set(manifest["files"])
     assert all(h.startswith("sha256:") and len(h) == 7 + 64 for h in manifest["files"].values())
 
 
-def test_swapped_block_files_are_refused(made, tmp_path):
+def test_swapped_block_files_are_refused(segmented, tmp_path):
     from graphopt.exporters.onnx import load_onnx
 
-    folder = _copy(made, "segmented", tmp_path)
+    folder = _copy(segmented, "segmented", tmp_path)
     load_onnx(folder)                       # as exported: loads
     a, b = folder / "block_00.onnx", folder / "block_01.onnx"
     a.rename(folder / "swap")
@@ -445,10 +451,10 @@ def test_swapped_block_files_are_refused(made, tmp_path):
         load_onnx(folder)
 
 
-def test_an_edited_hash_or_an_unlisted_file_is_refused(made, tmp_path):
+def test_an_edited_hash_or_an_unlisted_file_is_refused(segmented, tmp_path):
     from graphopt.exporters.onnx import load_onnx
 
-    folder = _copy(made, "segmented", tmp_path)
+    folder = _copy(segmented, "segmented", tmp_path)
     _mutate_json(folder / "manifest.json", ("files", "epilogue.onnx"), "sha256:" + "0" * 64)
     with pytest.raises(GraphoptError, match="does not match the hash"):
         load_onnx(folder)
@@ -457,10 +463,10 @@ def test_an_edited_hash_or_an_unlisted_file_is_refused(made, tmp_path):
         load_onnx(folder)
 
 
-def test_a_segment_file_that_is_a_link_leading_out_is_refused(made, tmp_path):
+def test_a_segment_file_that_is_a_link_leading_out_is_refused(segmented, tmp_path):
     from graphopt.exporters.onnx import load_onnx
 
-    folder = _copy(made, "segmented", tmp_path)
+    folder = _copy(segmented, "segmented", tmp_path)
     outside = tmp_path / "outside.onnx"
     (folder / "epilogue.onnx").rename(outside)
     (folder / "epilogue.onnx").symlink_to(outside)
@@ -468,12 +474,12 @@ def test_a_segment_file_that_is_a_link_leading_out_is_refused(made, tmp_path):
         load_onnx(folder)
 
 
-def test_onnx_external_data_outside_the_folder_is_refused(made, tmp_path):
+def test_onnx_external_data_outside_the_folder_is_refused(segmented, tmp_path):
     import onnx
 
     from graphopt.exporters.manifest import SegmentedManifest
 
-    folder = _copy(made, "segmented", tmp_path)
+    folder = _copy(segmented, "segmented", tmp_path)
     block = folder / "block_00.onnx"
     model = onnx.load(str(block))
     onnx.save(model, str(block), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -495,10 +501,10 @@ def test_onnx_external_data_outside_the_folder_is_refused(made, tmp_path):
 
 # ---- calls of a loaded ONNX model ------------------------------------------------------------------
 
-def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(made):
+def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(segmented):
     from graphopt.exporters.manifest import SegmentedManifest, check_call_inputs
 
-    manifest = SegmentedManifest.load(made / "segmented")
+    manifest = SegmentedManifest.load(segmented / "segmented")
     specs = {s.name: s for s in manifest.inputs}
     good = {name: torch.zeros([2 if isinstance(d, str) else d for d in s.shape])
             for name, s in specs.items()}
@@ -513,12 +519,12 @@ def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(made):
                               "segmented model")
 
 
-def test_malformed_onnx_metadata_is_refused_by_name(made, tmp_path):
+def test_malformed_onnx_metadata_is_refused_by_name(segmented, tmp_path):
     import onnx
 
     from graphopt.exporters.manifest import onnx_metadata
 
-    path = _copy(made, "segmented", tmp_path) / "prologue.onnx"
+    path = _copy(segmented, "segmented", tmp_path) / "prologue.onnx"
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {"graphopt.blocks": "[0, 1]", "other": "{"})
     onnx.save(model, str(path))
