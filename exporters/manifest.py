@@ -47,10 +47,17 @@ run's values; the router then gates freely, else every block runs). A block with
 sample's gate is off it gets stream + slot, where on its output, and slot := output − stream. A block
 with `reuse.cache` is the cache pass's run of cached blocks; the runtime decides it once per step on
 the host with the rule's own functions (passes/cache.py `cache_step`).
+
+Integrity: `save` adds "files": {"block_00.onnx": "sha256:<hex>", ...}, the hash of every segment
+file and of every external-data file those name; `load` checks each (swapped or edited files are
+refused; a manifest written before hashes existed loads without the check). Segment files and
+their external data must lie inside the manifest's folder: no absolute path, no '..', no link
+leading out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -59,7 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text
+from graphopt.io import atomic_write_text, inside_folder
 
 FORMAT = "graphopt-segmented"
 VERSION = 1
@@ -255,6 +262,7 @@ class SegmentedManifest:
     # values), "timestep": ..., "latent": ... (model inputs a new sampling run is detected from)}.
     reuse: dict[str, str] | None = None
     root: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)    # relative path -> "sha256:<hex>"
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -432,13 +440,45 @@ class SegmentedManifest:
         if self.root is None:
             raise GraphoptError("cannot check segment files: the manifest has no root folder")
         for seg in self.segments:
-            rel = Path(seg.file)
-            if rel.is_absolute() or ".." in rel.parts:
-                raise GraphoptError(f"segment file {seg.file!r} must be a path inside the manifest's folder")
-            if not (self.root / rel).is_file():
+            path = inside_folder(self.root, seg.file, f"segment file {seg.file!r}")
+            if not path.is_file():
                 raise GraphoptError(
                     f"segment file {seg.file!r} is missing from {self.root}; re-run the segmented export"
                 )
+        if self.files:
+            self._check_hashes()
+
+    def referenced_files(self) -> list[str]:
+        """Every file the layout reads: segment files and the external data they name (relative
+        to the root; each checked to lie inside it)."""
+        names = []
+        for seg in self.segments:
+            inside_folder(self.root, seg.file, f"segment file {seg.file!r}")
+            names.append(seg.file)
+            folder = Path(seg.file).parent
+            for location in onnx_external_data(self.root / seg.file):
+                name = (folder / location).as_posix() if isinstance(location, str) else location
+                path = inside_folder(self.root, name, f"'{seg.file}' external data")
+                if not path.is_file():
+                    raise GraphoptError(f"'{seg.file}' names external data '{location}', which is "
+                                        f"missing from {self.root}; re-run the segmented export")
+                names.append(name)
+        return sorted(set(names))
+
+    def _check_hashes(self) -> None:
+        if not isinstance(self.files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.files.items()):
+            raise GraphoptError("'files' must map file names to \"sha256:<hex>\" strings")
+        names = self.referenced_files()
+        unlisted = sorted(set(names) - set(self.files))
+        if unlisted:
+            raise GraphoptError(f"file(s) {unlisted} have no recorded hash: the manifest was edited "
+                                f"or the files come from another export; re-run the segmented export")
+        for name in names:
+            if file_hash(inside_folder(self.root, name, "manifest 'files'")) != self.files[name]:
+                raise GraphoptError(f"'{name}' does not match the hash the manifest records: it was "
+                                    f"changed or swapped with another file after the export; "
+                                    f"re-run the segmented export")
 
     def verify_onnx(self) -> None:
         """Check each file's declared graph I/O against the manifest (names, dtypes, ranks, fixed dims).
@@ -465,6 +505,7 @@ class SegmentedManifest:
             "gates": self.gates,
             "segments": [s.to_json() for s in self.segments],
             **({"reuse": self.reuse} if self.reuse is not None else {}),
+            **({"files": dict(self.files)} if self.files else {}),
         }
 
     @classmethod
@@ -477,6 +518,7 @@ class SegmentedManifest:
                 f"{VERSION}); re-export with this graphopt"
             )
         _require_keys(data, ("inputs", "outputs", "stream", "gates", "segments"), "manifest")
+        _check_types(data)
         return cls(
             inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
@@ -489,6 +531,7 @@ class SegmentedManifest:
             fixed_inputs=dict(data.get("fixed_inputs", {})),
             reuse=data.get("reuse"),
             root=root,
+            files=dict(data.get("files", {})),
         )
 
     @classmethod
@@ -500,8 +543,8 @@ class SegmentedManifest:
             raise GraphoptError(f"manifest not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise GraphoptError(f"manifest {path} is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GraphoptError(f"manifest {path} is not valid JSON: {exc}") from None
         try:
             manifest = cls.from_json(data, root=path.parent)
             manifest.validate(check_files=check_files)
@@ -516,7 +559,9 @@ class SegmentedManifest:
             path = path / "manifest.json"
         self.root = path.parent
         try:
+            self.files = {}
             self.validate(check_files=True)
+            self.files = {name: file_hash(self.root / name) for name in self.referenced_files()}
         except GraphoptError as exc:
             raise GraphoptError(f"manifest {path}: {exc}") from None
         try:
@@ -591,3 +636,110 @@ def _require_keys(data: Mapping[str, Any], keys: Iterable[str], what: str) -> No
     missing = [k for k in keys if k not in data]
     if missing:
         raise GraphoptError(f"{what} entry is missing {missing}: {dict(data)!r:.200}")
+
+
+def file_hash(path: Path) -> str:
+    """"sha256:<hex>" of the file at `path`, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def onnx_external_data(path: Path) -> list:
+    """The external-data locations (as written, relative to the file's folder) that the ONNX file
+    at `path` names; its weights are not read."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf reports a corrupt file in several ways
+        raise GraphoptError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}): is it "
+                            f"complete?") from None
+    locations = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            locations.append(next((e.value for e in tensor.external_data if e.key == "location"), None))
+    return sorted(set(locations), key=str)
+
+
+def _check_types(data: Mapping[str, Any]) -> None:
+    """The manifest's containers have the JSON types the layout needs (a hand-edited or foreign
+    manifest fails here with the key's name, not deep inside the runtime)."""
+    lists = ("inputs", "outputs", "stream", "segments")
+    for key in lists:
+        if not isinstance(data[key], list):
+            raise GraphoptError(f"'{key}' must be a list, got {type(data[key]).__name__}")
+    for key in ("dims", "config", "fixed_inputs", "files"):
+        if not isinstance(data.get(key, {}), Mapping):
+            raise GraphoptError(f"'{key}' must be an object, got {type(data[key]).__name__}")
+    if not all(isinstance(v, Mapping) for v in data.get("dims", {}).values()):
+        raise GraphoptError("each 'dims' entry must be an object {min, opt, max}")
+    if not all(isinstance(v, str) and v for v in data["stream"]):
+        raise GraphoptError("'stream' must list tensor names (strings)")
+    if data["gates"] is not None and not isinstance(data["gates"], str):
+        raise GraphoptError(f"'gates' must be a tensor name or null, got {data['gates']!r:.40}")
+    if not isinstance(data.get("batch_dim", "batch"), str):
+        raise GraphoptError("'batch_dim' must be a dim name such as \"batch\"")
+    for seg in data["segments"]:
+        if isinstance(seg, Mapping):
+            if not isinstance(seg.get("file"), str):
+                raise GraphoptError(f"a segment's 'file' must be a relative path, got {seg.get('file')!r:.40}")
+            for key in ("inputs", "outputs"):
+                if not isinstance(seg.get(key, []), list):
+                    raise GraphoptError(f"segment {seg['file']!r}: '{key}' must be a list")
+    for entry in [t for key in ("inputs", "outputs") for t in data[key]] + [
+            t for seg in data["segments"] if isinstance(seg, Mapping)
+            for key in ("inputs", "outputs") for t in seg.get(key, [])]:
+        if isinstance(entry, Mapping) and not isinstance(entry.get("shape", []), list):
+            raise GraphoptError(f"tensor {entry.get('name')!r:.40}: 'shape' must be a list")
+
+
+def check_call_inputs(specs: Iterable[TensorSpec], batch_dim: str, kwargs: Mapping[str, Any],
+                      what: str) -> None:
+    """Refuse a call of a loaded model (segmented, single-file or AOTInductor) before it reaches
+    onnxruntime: every input it declares must be a tensor, an array or a number (a timestep may be
+    a Python number), and the batch must hold at least one sample."""
+    import numbers
+
+    import numpy as np
+    import torch
+
+    for spec in specs:
+        value = kwargs.get(spec.name)
+        if value is None:
+            continue                     # the runtime names a missing input
+        if isinstance(value, bool) or not isinstance(value, (torch.Tensor, np.ndarray, numbers.Number)):
+            raise GraphoptError(f"the {what}'s input '{spec.name}' must be a tensor ({spec.describe()}), "
+                                f"got {type(value).__name__}")
+        if isinstance(value, numbers.Number) and len(spec.shape) > 1:
+            raise GraphoptError(f"the {what}'s input '{spec.name}' must be a tensor of shape "
+                                f"{list(spec.shape)}, got the number {value!r}")
+        shape = tuple(getattr(value, "shape", ()))
+        if spec.shape[:1] == (batch_dim,) and len(shape) == len(spec.shape) and shape[0] == 0:
+            raise GraphoptError(f"the {what} got an empty batch ('{spec.name}' has shape "
+                                f"{list(shape)}): pass at least one sample")
+
+
+def onnx_metadata(path: Path, prefix: str = "graphopt.") -> dict[str, Any]:
+    """The metadata entries of the ONNX file at `path` whose keys start with `prefix`, each value
+    parsed as JSON (graphopt writes JSON there); a malformed value is a GraphoptError naming the
+    key. Weights are not read."""
+    import onnx
+
+    try:
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+    except Exception as exc:  # protobuf reports a corrupt file in several ways
+        raise GraphoptError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}): is it "
+                            f"complete?") from None
+    out = {}
+    for prop in props:
+        if prop.key.startswith(prefix):
+            try:
+                out[prop.key] = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise GraphoptError(f"'{path}': metadata '{prop.key}' is not valid JSON ({exc.msg}); "
+                                    f"re-export the model") from None
+    return out

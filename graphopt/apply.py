@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_write_text, check_output_dir, mark_dir, read_marker, replace_dir
+from graphopt.io import (atomic_write_text, check_output_dir, mark_dir, read_index, read_marker,
+                         replace_dir)
 
 DIFFUSERS_PREFIX = "diffusion_pytorch_model"
 GRAPHOPT_PREFIX = "model"
@@ -165,10 +166,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, Stored]:
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     singles = sorted(folder.glob("*.safetensors"))
     if len(indexes) == 1:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise GraphoptError(f"'{indexes[0]}' is not a safetensors index ({e})") from None
+        weight_map = read_index(indexes[0])[0]
         files = sorted(set(weight_map.values()))
     elif not indexes and len(singles) == 1:
         weight_map, files = None, [singles[0].name]

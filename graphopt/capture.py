@@ -68,7 +68,13 @@ def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
                             f"file from torch.export.save, or one of {shipped_names()}")
     if path.is_dir() and meta:
         config = _read_config(path)
-        return families.build_model(config, config, "meta")
+        family = families.family_for(config)
+        try:
+            return families.build_model(family, config, "meta")
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise GraphoptError(f"'{path / 'config.json'}' does not describe a buildable "
+                                f"{config.get('_class_name')} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:100]}); fix its values") from None
     if path.is_dir():
         return _load_diffusers_folder(path, trust_pickle)
     if path.suffix in (".pt2", ".pt"):
@@ -87,9 +93,14 @@ def _read_config(path: Path) -> dict:
         raise GraphoptError(f"'{path}' has no config.json: point at a diffusers model folder "
                             f"(the one holding config.json and *.safetensors)")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise GraphoptError(f"'{cfg_file}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraphoptError(f"'{cfg_file}' is not valid JSON ({e}); write it again with "
+                            f"save_pretrained") from None
+    if not isinstance(config, dict):
+        raise GraphoptError(f"'{cfg_file}' holds {type(config).__name__}, not a JSON object; a "
+                            f"diffusers config.json is an object with '_class_name'")
+    return config
 
 
 def _load_diffusers_folder(path: Path, trust_pickle: bool):
@@ -122,11 +133,9 @@ def _check_no_pickled_weights(path: Path, has_safetensors: bool) -> None:
                             f"can run code: convert them to safetensors, or pass --trust-pickle")
     index = path / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise GraphoptError(f"'{index}' is not a safetensors index (a JSON object with a "
-                                f"weight_map)") from None
+        from graphopt.io import read_index
+
+        shards = set(read_index(index)[0].values())
         pickled = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
         if pickled:
             raise GraphoptError(f"'{index}' lists weights that are not safetensors ({pickled[0]}); "
@@ -188,7 +197,19 @@ def _from_exported(ep, example_inputs, label) -> DiTGraph:
         example_inputs = pt2.example_inputs(ep)
     if not example_inputs:
         raise GraphoptError(f"{label} carries no example inputs; pass example_inputs to capture()")
-    return _finish(ep.module(), example_inputs, None, {}, None, None, label)
+    # The family, config and input size the program was exported at, read from the program itself,
+    # so that role-aware passes know the token layout and graphopt.load can rebuild the result.
+    family, config, spec = pt2.identify(ep, example_inputs)
+    token_layout = family.token_layout(config, spec) if spec is not None else None
+    # Traced again, as a fresh capture is: the graph torch.export.load deserializes gives routed
+    # blocks' torch.cond branches strides cond cannot merge (route fails on it).
+    try:
+        ep = torch.export.export(ep.module(), (), example_inputs, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(f"torch.export could not trace {label} again: {first}; run with "
+                            f"--debug for the full trace") from None
+    return _finish(ep.module(), example_inputs, family, config, spec, token_layout, label)
 
 
 def _finish(gm, example_inputs, family, config, spec, token_layout, label) -> DiTGraph:

@@ -6,19 +6,62 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
 
+OPSETS = (18, 23)     # torch's ONNX exporter writes opsets 18..23 (it turns a lower one into 18)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with graphopt's error format: exit 2 and one line naming the fix."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _opset(text: str) -> int:
+    value = _positive_int(text)
+    if not OPSETS[0] <= value <= OPSETS[1]:
+        raise argparse.ArgumentTypeError(f"opset {value} is not supported: choose {OPSETS[0]}.."
+                                         f"{OPSETS[1]} (the range torch's ONNX exporter writes)")
+    return value
+
 
 def _add_model_args(p):
-    p.add_argument("model", help="diffusers model folder, .pt2 archive, or a shipped name (tiny-wan)")
-    p.add_argument("--frames", type=int, help="latent frames of the example input")
-    p.add_argument("--height", type=int, help="latent height")
-    p.add_argument("--width", type=int, help="latent width")
-    p.add_argument("--batch", type=int, help="batch size of one step (2 with CFG in one batch)")
+    p.add_argument("model", help="diffusers model folder, .pt2/.pt archive from torch.export.save, "
+                                 "or a shipped name (tiny-wan, tiny:<family>)")
+    p.add_argument("--frames", type=_positive_int,
+                   help="latent frames of the example input, >= 1 (default: the family's)")
+    p.add_argument("--height", type=_positive_int, help="latent height, >= 1 (default: the family's)")
+    p.add_argument("--width", type=_positive_int, help="latent width, >= 1 (default: the family's)")
+    p.add_argument("--batch", type=_positive_int,
+                   help="batch size of one step, >= 1 (2 with CFG in one batch; default 1)")
     p.add_argument("--meta", action="store_true",
                    help="build the architecture on the meta device: structure and cost, no weights")
     p.add_argument("--trust-pickle", action="store_true",
@@ -49,16 +92,20 @@ def _capture_from_args(args):
 
     model = load_model(args.model, trust_pickle=args.trust_pickle, meta=args.meta)
     spec = None
-    if isinstance(model, torch.nn.Module):
-        overrides = {k: getattr(args, k) for k in ("frames", "height", "width", "batch")
-                     if getattr(args, k) is not None}
-        if getattr(args, "calibration", None) is not None:
-            # Example inputs at the calibration data's sizes (what is given explicitly wins).
-            from graphopt.calibration import data_folder_sizes
-            overrides = {**data_folder_sizes(args.calibration,
-                                             families.family_for(model).latent_layout), **overrides}
-        if overrides:
-            spec = dataclasses.replace(families.family_for(model).default_spec, **overrides)
+    overrides = {k: getattr(args, k) for k in ("frames", "height", "width", "batch")
+                 if getattr(args, k) is not None}
+    if overrides and not isinstance(model, torch.nn.Module):
+        flags = ", ".join(f"--{k}" for k in overrides)
+        raise GraphoptError(f"{flags}: '{args.model}' is an exported program, whose input shapes "
+                            f"were fixed when it was exported; export it again at that size, or "
+                            f"give the diffusers model folder")
+    if isinstance(model, torch.nn.Module) and getattr(args, "calibration", None) is not None:
+        # Example inputs at the calibration data's sizes (what is given explicitly wins).
+        from graphopt.calibration import data_folder_sizes
+        overrides = {**data_folder_sizes(args.calibration,
+                                         families.family_for(model).latent_layout), **overrides}
+    if overrides:
+        spec = dataclasses.replace(families.family_for(model).default_spec, **overrides)
     graph = capture(model, spec=spec, trust_pickle=args.trust_pickle)
     if getattr(args, "calibration", None) is not None:
         graph.calibration_data = args.calibration    # what every calibrating analysis runs on
@@ -91,18 +138,19 @@ def cmd_inspect(args) -> int:
 def cmd_compress(args) -> int:
     from rich.console import Console
 
-    from graphopt.compress import compress
+    from graphopt.compress import check_request, compress
 
-    _check_output(args, args.model, args.calibration)
+    if args.output is None:
+        args.output = _default_output(args.model, args.overwrite)
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise GraphoptError(f"--calibration '{args.calibration}' is not a folder: give one written "
                             f"by `graphopt data`")
-    graph = _capture_from_args(args)
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     options = {}
     for spec in args.option or []:
-        key, _, value = spec.partition("=")
+        key, sep, value = spec.partition("=")
         pass_name, _, opt = key.partition(".")
-        if not opt:
+        if not (sep and pass_name and opt):
             raise GraphoptError(f"option '{spec}' must look like PASS.OPTION=VALUE, "
                                 f"e.g. prune.ratio=0.3")
         options.setdefault(pass_name, {})[opt] = _parse_value(value)
@@ -110,10 +158,25 @@ def cmd_compress(args) -> int:
                             ("drop", "drop_fraction", "fraction"), ("route", "route_budget", "budget")):
         if getattr(args, attr) is not None:
             options.setdefault(name, {})[key] = getattr(args, attr)
-    passes = [p for p in args.passes.split(",") if p]
+    check_request(passes, options)      # bad passes or options fail before the capture
+    _check_output(args, *(p for p in (args.model, args.calibration) if p is not None))
+    graph = _capture_from_args(args)
     compress(graph, passes, options, out=args.output, verify=args.verify, console=Console(),
-             overwrite=args.overwrite, protect=[args.model, args.calibration])
+             overwrite=args.overwrite,
+             protect=[p for p in (args.model, args.calibration) if p is not None])
     return 0
+
+
+def _default_output(model: str, overwrite: bool) -> str:
+    """`NAME-compressed` in the current folder, NAME the model's file or folder name; an existing
+    one is kept unless --overwrite (even one graphopt wrote: the user never named it)."""
+    stem = Path(model.rstrip("/\\")).stem if Path(model).exists() else model
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".-") or "model"
+    out = Path(f"{name}-compressed")
+    if out.exists() and not overwrite:
+        raise GraphoptError(f"the default output folder '{out}' exists: pass -o DIR for another "
+                            f"folder, or --overwrite to replace it")
+    return str(out)
 
 
 def cmd_apply(args) -> int:
@@ -143,12 +206,16 @@ def cmd_bench(args) -> int:
     from rich.console import Console
 
     from graphopt.bench import DEFAULT_BACKENDS, bench, check_options, load_pair, plot, render
+    from graphopt.io import check_output_file
 
+    device = _check_device(args.device)
+    if args.plot:
+        check_output_file(args.plot, protect=[args.compressed, args.original])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     backends = tuple(b for b in (args.backends or ",".join(DEFAULT_BACKENDS)).split(",") if b)
     check_options(backends, args.steps, args.repeats, args.warmup)
-    original, compressed = load_pair(args.compressed, args.original, device=args.device,
+    original, compressed = load_pair(args.compressed, args.original, device=device,
                                      trust_pickle=args.trust_pickle)
     result = bench(original, compressed, backends=backends, steps=args.steps,
                    repeats=args.repeats, warmup=args.warmup, explicit=args.backends is not None)
@@ -159,6 +226,26 @@ def cmd_bench(args) -> int:
     else:
         render(result, Console())
     return 0
+
+
+def _check_device(text: str) -> str:
+    """`text` if it names a device this machine has (cpu, cuda, cuda:N); else a GraphoptError."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise GraphoptError(f"--device {text!r} is unknown: give cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise GraphoptError(f"--device {text}: this machine has no usable CUDA device (torch "
+                                f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise GraphoptError(f"--device {text}: this machine has CUDA devices 0..{count - 1}")
+    return text
 
 
 def _graph_for_export(args):
@@ -300,34 +387,56 @@ def _parse_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="graphopt", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback and every library warning")
+    # --debug also after the verb (`graphopt compress ... --debug`); SUPPRESS keeps a --debug given
+    # before the verb when none follows it.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full traceback and every library warning")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="blocks, attentions, heads and cost per step of a model")
+    def verb(name: str, **kwargs):
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = verb("inspect", help="blocks, attentions, heads and cost per step of a model")
     _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables (default: tables)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compress", help="run passes (prune, drop, route) and write the result")
+    p = verb("compress", help="run passes (prune, drop, route) and write the result")
     _add_model_args(p)
-    p.add_argument("--passes", required=True, help="comma-separated, e.g. prune,route")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--passes", required=True,
+                   help="passes to run in order, comma-separated, at least one: prune (attention "
+                        "heads), drop (whole blocks), route (a router picks blocks per step), e.g. "
+                        "prune,route")
+    p.add_argument("-o", "--output",
+                   help="output folder (default: MODEL-compressed in the current folder, never "
+                        "replaced without --overwrite)")
     _add_overwrite_arg(p)
-    p.add_argument("--prune-ratio", type=float)
-    p.add_argument("--prune-criterion", choices=("magnitude", "sensitivity", "role-aware"))
-    p.add_argument("--drop-fraction", type=float)
-    p.add_argument("--route-budget", type=float)
+    p.add_argument("--prune-ratio", type=float, metavar="R",
+                   help="prune: fraction of attention heads removed, in [0, 1) (default 0.3)")
+    p.add_argument("--prune-criterion", choices=("magnitude", "sensitivity", "role-aware"),
+                   help="prune: how heads are ranked: weight magnitude, output sensitivity, or "
+                        "role-aware (keeps temporal heads; default)")
+    p.add_argument("--drop-fraction", type=float, metavar="F",
+                   help="drop: fraction of the blocks removed, in [0, 1) (default 0.25)")
+    p.add_argument("--route-budget", type=float, metavar="B",
+                   help="route: FLOPs fraction executed per step, in (0, 1] (default 0.5); at least "
+                        "what runs outside the blocks plus the cheapest block")
     p.add_argument("--option", action="append", metavar="PASS.KEY=VALUE",
-                   help="any pass option, e.g. prune.min_heads=2 (repeatable)")
+                   help="any pass option, value as JSON or a plain string, e.g. prune.min_heads=2 "
+                        "(repeatable; default none)")
     p.add_argument("--verify", action="store_true",
-                   help="check each pass's equivalence promise on the example batch")
+                   help="check each pass's equivalence promise on the example batch (default off)")
     p.add_argument("--calibration", metavar="DIR",
                    help="data folder (`graphopt data`) the calibrating analyses run on, noised at "
-                        "their timesteps; the model is captured at its latent and text sizes")
+                        "their timesteps; the model is captured at its latent and text sizes "
+                        "(default: random inputs)")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("apply", help="stream a recipe onto a sharded safetensors checkpoint "
+    p = verb("apply", help="stream a recipe onto a sharded safetensors checkpoint "
                                      "(never the whole model in memory; resumable)")
     p.add_argument("recipe", help="recipe.json (from `graphopt compress`, or written by hand)")
     p.add_argument("--weights", required=True,
@@ -337,14 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("distill", help="recover a compressed model's quality: progressive "
+    p = verb("distill", help="recover a compressed model's quality: progressive "
                                        "distillation (PARE) with ICD + MCA losses (VDMini)")
     p.add_argument("compressed", help="folder written by `graphopt compress`")
     p.add_argument("--config", required=True,
                    help="distillation TOML, e.g. graphopt/assets/distill_tiny.toml")
     p.add_argument("--teacher", help="the uncompressed model (default: the recipe's source)")
     p.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="run the frozen teacher in this precision")
+                   help="run the frozen teacher in this precision (default: the dtype its weights have)")
     p.add_argument("-o", "--output", required=True,
                    help="output folder (same layout as `graphopt compress` output)")
     _add_overwrite_arg(p)
@@ -355,54 +464,90 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow loading a teacher whose files can run code (pickles, unchecked .pt2)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("bench", help="original vs compressed in one process: FLOPs and latency "
+    p = verb("bench", help="original vs compressed in one process: FLOPs and latency "
                                      "per step, speedup and efficiency, per backend")
     p.add_argument("compressed", help="folder written by `graphopt compress`")
     p.add_argument("--original", help="the uncompressed model (default: the recipe's source if "
                                       "it resolves, else its architecture with random weights)")
     p.add_argument("--backends", help="comma-separated from torch,onnxruntime,aoti (default: "
                                       "torch, and onnxruntime where installed)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps per timed run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", metavar="PNG", help="also draw latency per backend to this file")
+    p.add_argument("--steps", type=_positive_int, default=4,
+                   help="denoising steps per timed run, >= 1 (default 4)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timed runs, >= 1; the median is reported (default 5)")
+    p.add_argument("--warmup", type=_count, default=1, help="untimed runs first, >= 0 (default 1)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads, >= 1 (default: torch's, one per core)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N, a device this machine has (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (default: table)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also draw latency per backend to this PNG file (default: no plot)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading an original whose files can run code (pickles, unchecked .pt2)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("export", help="write ONNX (single file or segmented) or TensorRT engines")
+    p = verb("export", help="write ONNX (single file or segmented) or TensorRT engines")
     _add_model_args(p)
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (required)")
     _add_overwrite_arg(p)
     p.add_argument("--format", required=True, choices=("onnx", "onnx-segmented", "trt", "aoti"),
                    help="onnx: one file, routed blocks as If; onnx-segmented: prologue/blocks/epilogue "
                         "+ manifest.json; trt: the segmented ONNX, TensorRT-checked, then engines; "
                         "aoti: an AOTInductor package, OUT/model.pt2 (graphopt.exporters.aoti.load_aoti)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
+    p.add_argument("--opset", type=_opset,
+                   help=f"ONNX opset, {OPSETS[0]}..{OPSETS[1]} (default 20: from 23 the exporter "
+                        f"writes a fused Attention op TensorRT cannot build inside an If)")
     p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"),
-                   help="TensorRT engine precision (--format trt)")
+                   help="TensorRT engine precision (--format trt; default fp16)")
     p.set_defaults(func=cmd_export)
 
     _add_data_parser(sub)
 
-    p = sub.add_parser("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
+    p = verb("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
                                     "compress, distill, export ONNX, bench, score; writes a report folder")
     p.add_argument("-o", "--output", default="graphopt-demo", help="report folder (default graphopt-demo)")
     _add_overwrite_arg(p)
-    p.add_argument("--quick", action="store_true", help="every stage with few steps and clips (CI)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="every stage with few steps and clips (CI; default: the full demo)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads, >= 1 (default: torch's, one per core)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Keep torch's and diffusers' deprecation notices and log chatter away from CLI users (they
+    cannot act on them) while the block runs; graphopt's own warnings still show."""
+    loggers = [logging.getLogger(n) for n in ("torch", "diffusers", "transformers", "onnxscript",
+                                              "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", module=r"(torch|diffusers|transformers|onnx|onnxscript|"
+                                                 r"onnxruntime|onnx_ir|safetensors)(\.|$)")
+        # Added last, so matched first: graphopt's own warnings show.
+        warnings.filterwarnings("default", category=UserWarning, module=r"graphopt(\.|$)")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        args = parser.parse_args(argv)
+    except SystemExit as e:       # a bad option (its one line is printed) or --help
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        with contextlib.nullcontext() if args.debug else quiet_libraries():
+            return args.func(args)
     except GraphoptError as e:
         if args.debug:
             raise

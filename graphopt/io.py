@@ -151,6 +151,67 @@ def check_output_dir(path, *, protect=(), overwrite: bool = False) -> Path:
     return target
 
 
+def check_output_file(path, *, protect=()) -> Path:
+    """The real path of output file `path` (a plot, a JSON report) if graphopt may write it, checked
+    before the long work: not a folder, not an input, in a writable folder (made if missing)."""
+    target = Path(os.path.realpath(path))
+    for item in protect:
+        if isinstance(item, (str, os.PathLike)) and str(item) and \
+                target == Path(os.path.realpath(item)):
+            raise GraphoptError(f"output file '{path}' is the input '{item}': choose another path")
+    if target.is_dir():
+        raise GraphoptError(f"output file '{path}' is a folder: give a file path, e.g. "
+                            f"{Path(path) / 'out.png'}")
+    above = target.parent
+    while not os.path.lexists(above):
+        above = above.parent
+    if not above.is_dir():
+        raise GraphoptError(f"output file '{path}' is under '{above}', which is a file")
+    if not os.access(above, os.W_OK | os.X_OK) or (
+            os.path.lexists(target) and not os.access(target, os.W_OK)):
+        raise GraphoptError(f"cannot write output file '{path}': no write permission")
+    return target
+
+
+def inside_folder(folder, name, what: str) -> Path:
+    """`folder / name` for a file `name` that an index, manifest or ONNX model in `folder` refers
+    to, refused unless it stays inside `folder`: no absolute path, no '..', no link leading out."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name:
+        raise GraphoptError(f"{what} names a file {name!r:.60}, not a relative path")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise GraphoptError(f"{what} names '{name}', outside its folder '{folder}': it may name only "
+                            f"files in that folder")
+    path = folder / rel
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if root not in real.parents:
+        raise GraphoptError(f"{what} names '{name}', a link leading out of '{folder}': it may name "
+                            f"only files in that folder")
+    return path
+
+
+def read_index(path) -> tuple[dict[str, str], dict]:
+    """(weight_map, metadata) of the safetensors index at `path`: JSON of the right shape whose
+    shards all lie inside the index's folder (see `inside_folder`); else a GraphoptError."""
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GraphoptError(f"'{path}' is not valid JSON ({e}): write it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in weight_map.items())):
+        raise GraphoptError(f"'{path}' is not a safetensors index: it needs a 'weight_map' object "
+                            f"mapping tensor names to shard file names")
+    if not isinstance(metadata, dict):
+        raise GraphoptError(f"'{path}': 'metadata' must be an object")
+    for shard in sorted(set(weight_map.values())):
+        inside_folder(path.parent, shard, f"the index '{path}'")
+    return weight_map, metadata
+
+
 def replace_dir(new: Path, path, *, protect=(), overwrite: bool = False) -> Path:
     """Swap the finished folder `new` (marked, next to `path`) in for `path`; see the module
     docstring. Checks `path` again first: it may have changed while the run worked."""

@@ -22,6 +22,7 @@ import ast
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -61,9 +62,16 @@ def load_exported(path: Path, *, trust_pickle: bool) -> torch.export.ExportedPro
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
+            # torch's reader does not check CRCs: a corrupt weight would load as wrong numbers.
+            broken = zf.testzip()
     except zipfile.BadZipFile:
         raise GraphoptError(f"'{path}' is not a torch.export archive (not a zip file); write it "
                             f"with torch.export.save(torch.export.export(model, ...), path)") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise GraphoptError(f"'{path}' is a damaged zip file ({e}): copy or save it again") from None
+    if broken is not None:
+        raise GraphoptError(f"'{path}': member {broken} fails its CRC check, so the file is "
+                            f"corrupt: copy or save it again")
     if trust_pickle:
         return _read(path, lambda: torch.export.load(path))
     if LEGACY_GRAPH in names:
@@ -300,3 +308,114 @@ def _hint(name: str, size) -> int:
         raise GraphoptError(f"the exported program's input '{name}' has a dynamic size without "
                             f"an example value; pass example_inputs to capture()")
     return int(hint)
+
+
+# ---- what an exported program is: family, config, input spec -----------------------------------
+
+def identify(ep: torch.export.ExportedProgram, inputs: dict):
+    """(family, config, spec) of an exported diffusion transformer, from the archive itself: the
+    root class in the graph's module stack names the family; the config is the family's tiny or a
+    published one (at the block counts the weights have) whose weight shapes equal the program's;
+    the InputSpec is the one whose example inputs have the program's input shapes. (None, {}, None)
+    for a model graphopt has no family for; (family, {}, None) where config or spec is not found
+    (then nothing needs the token layout: role-aware pruning says so)."""
+    from graphopt import families
+
+    class_name = _root_class(ep)
+    try:
+        family = families.family_for(class_name) if class_name else None
+    except GraphoptError:
+        return None, {}, None
+    shapes = {k: tuple(v.shape) for k, v in ep.state_dict.items()}
+    config = next((c for c in _candidate_configs(family, class_name, shapes)
+                   if _weight_shapes(family, c) == shapes), None)
+    if config is None:
+        return family, {}, None
+    return family, config, _find_spec(family, config, inputs)
+
+
+def _root_class(ep) -> str | None:
+    for node in ep.graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            if path == "":
+                return str(kind).rsplit(".", 1)[-1]
+    return None
+
+
+def _candidate_configs(family, class_name: str, shapes: dict):
+    """The family's tiny config and its published ones for `class_name`, each with its block
+    counts set to those the weights have (blocks.<i>. names)."""
+    from graphopt import families
+
+    bases = [dict(family.tiny_config)] + [dict(c) for c, _ in families.PUBLISHED.values()]
+    counts = {}
+    for name in shapes:
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            counts[parts[0]] = max(counts.get(parts[0], 0), int(parts[1]) + 1)
+    for base in bases:
+        if base.get("_class_name", family.class_names[0]) != class_name:
+            continue
+        keys = dict(family.block_counts)
+        if not keys and len(counts) == 1 and "num_layers" in base:
+            keys = {next(iter(counts)): "num_layers"}     # one stack of blocks: its depth
+        yield {**base, "_class_name": class_name,
+               **{key: counts[stack] for stack, key in keys.items() if stack in counts}}
+
+
+def _weight_shapes(family, config) -> dict:
+    from graphopt import families
+
+    try:
+        model = families.build_model(family, config, "meta")
+    except Exception:  # a candidate config this diffusers version cannot build is no match
+        return {}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _find_spec(family, config, inputs: dict):
+    """The InputSpec whose example inputs (built on the meta device) have the shapes and values
+    of `inputs`, or None."""
+    from graphopt.families import InputSpec
+
+    latent = inputs.get(family.latent_input)
+    if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():
+        return None
+    text = next((inputs[k] for k in family.text_inputs
+                 if isinstance(inputs.get(k), torch.Tensor) and inputs[k].dim() >= 2), None)
+    text_len = int(text.shape[1]) if text is not None else 1
+    shape = tuple(latent.shape)
+    axes = {"BCFHW": lambda s: [(s[2], s[3], s[4])], "BFCHW": lambda s: [(s[1], s[3], s[4])],
+            "BCHW": lambda s: [(1, s[2], s[3])], "BNC": lambda s: _factorizations(s[1])}
+    grids = axes.get(family.latent_layout, lambda s: [])(shape) if len(shape) >= 3 else []
+    want = _signature(inputs)
+    for frames, height, width in grids:
+        try:
+            spec = InputSpec(batch=int(shape[0]), frames=int(frames), height=int(height),
+                             width=int(width), text_len=text_len, dtype=latent.dtype, device="meta")
+            if _signature(family.example_inputs(config, spec)) == want:
+                return InputSpec(**{**spec.__dict__, "device": latent.device})
+        except (GraphoptError, ValueError, TypeError):
+            continue
+    return None
+
+
+def _factorizations(n: int, limit: int = 20000):
+    """(a, b, c) with a*b*c == n, at most `limit` of them (packed tokens: the grid is unknown)."""
+    found = 0
+    for a in range(1, n + 1):
+        if n % a:
+            continue
+        for b in range(1, n // a + 1):
+            if (n // a) % b:
+                continue
+            yield a, b, n // a // b
+            found += 1
+            if found >= limit:
+                return
+
+
+def _signature(inputs: dict) -> dict:
+    """What must agree between two sets of forward kwargs: tensor shapes and dtypes, other values."""
+    return {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()}

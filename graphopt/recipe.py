@@ -63,22 +63,146 @@ class Recipe:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise GraphoptError(f"recipe '{path}' is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise GraphoptError(f"recipe '{path}' is not text (UTF-8 JSON)") from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise GraphoptError(f"'{path}' is not a graphopt recipe (missing schema '{SCHEMA}')")
         if data.get("version") != VERSION:
             raise GraphoptError(f"recipe '{path}' has version {data.get('version')}; this graphopt "
                                 f"reads version {VERSION}: upgrade graphopt or re-run compress")
-        return cls(model=data.get("model", {}), steps=list(data.get("steps", [])))
+        model, steps = data.get("model", {}), data.get("steps", [])
+        _check_model_record(model, path)
+        if not isinstance(steps, list):
+            raise GraphoptError(f"recipe '{path}': 'steps' must be a list, got {_kind(steps)}")
+        from graphopt.pass_manager import get_pass
+
+        for i, step in enumerate(steps):
+            where = f"recipe '{path}' step {i}"
+            if not isinstance(step, dict):
+                raise GraphoptError(f"{where} must be an object, got {_kind(step)}")
+            for key, kind in (("pass", str), ("options", dict), ("decisions", dict)):
+                if not isinstance(step.get(key), kind):
+                    raise GraphoptError(f"{where}: '{key}' must be a {kind.__name__}, got "
+                                        f"{_kind(step.get(key))}")
+            check_options(get_pass(step["pass"]), step["options"], f"{where} ({step['pass']})")
+        return cls(model=model, steps=steps)
 
     def replay(self, graph):
         """Apply every step to `graph` (a fresh capture of the recipe's architecture)."""
         from graphopt.pass_manager import get_pass
 
-        for step in self.steps:
+        for i, step in enumerate(self.steps):
             p = get_pass(step["pass"])(**step["options"])
-            p.apply(graph, step["decisions"])
+            try:
+                p.apply(graph, step["decisions"])
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                # Decisions are the pass's own JSON; a malformed one breaks the pass's reading.
+                raise GraphoptError(f"recipe step {i} ({p.name}) has malformed decisions "
+                                    f"({type(e).__name__}: {str(e)[:80]}): re-run graphopt "
+                                    f"compress to write the recipe again") from None
             graph.recipe.add(p.name, step["options"], step["decisions"])
         return graph
+
+
+def check_options(pass_cls, options: dict, where: str) -> None:
+    """Refuse an option of `pass_cls` whose value does not have the type its Options field
+    declares (an int option given 2.5 or "2", a list given a string), naming field and type."""
+    import dataclasses
+    import typing
+
+    fields = getattr(pass_cls, "Options", None)
+    if fields is None or not isinstance(options, dict):
+        return
+    hints = typing.get_type_hints(fields)
+    for name, value in options.items():
+        if name in hints and not _conforms(value, hints[name]):
+            raise GraphoptError(f"{where}: option '{name}' must be {_describe(hints[name])}, got "
+                                f"{value!r:.60} ({_kind(value)})")
+    known = {f.name for f in dataclasses.fields(fields)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise GraphoptError(f"{where} has no option(s) {unknown}; its options are {sorted(known)}")
+
+
+def _conforms(value, hint) -> bool:
+    """Whether JSON `value` fits type `hint` (ints count as floats; bools as neither)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is typing.Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = [a for a in args if a is not Ellipsis]
+        return len(items) != 1 or all(_conforms(v, items[0]) for v in value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        key, item = args if args else (str, typing.Any)
+        return all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    return True                      # a type this check does not know: the pass validates it
+
+
+def _describe(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if hint in (tuple, list) or origin in (tuple, list):
+        items = [a for a in args if a is not Ellipsis]
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(items[0], _describe(items[0]))}" if len(items) == 1 \
+            else "a list"
+    if hint is dict or origin is dict:
+        return "an object"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_model_record(model, path) -> None:
+    """The recipe's `model` record: what load and apply read from it, with the right types."""
+    where = f"recipe '{path}': model"
+    if not isinstance(model, dict):
+        raise GraphoptError(f"{where} must be an object, got {_kind(model)}")
+    for key, kinds in (("class_name", (str, type(None))), ("family", (str, type(None))),
+                       ("config", (dict,)), ("input_spec", (dict, type(None))),
+                       ("source", (str, type(None)))):
+        if key in model and not isinstance(model[key], kinds):
+            raise GraphoptError(f"{where}.{key} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                f"got {_kind(model[key])}")
+    spec = model.get("input_spec")
+    if spec is not None:
+        for key in ("batch", "frames", "height", "width", "text_len"):
+            value = spec.get(key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise GraphoptError(f"{where}.input_spec.{key} must be an integer >= 1, got "
+                                    f"{value!r:.40}")
+        if not isinstance(spec.get("dtype"), str):
+            raise GraphoptError(f"{where}.input_spec.dtype must be a string such as "
+                                f"'torch.float32', got {spec.get('dtype')!r:.40}")
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _jsonable(obj):

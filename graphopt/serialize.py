@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from graphopt.errors import GraphoptError
-from graphopt.io import atomic_dir, atomic_write_text, save_safetensors
+from graphopt.io import atomic_dir, atomic_write_text, read_index, save_safetensors
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"    # sharded weights (written by `graphopt apply`)
@@ -139,12 +139,12 @@ def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[st
     """The saved tensors, and the names the index says replaying the recipe creates."""
     if (folder / WEIGHTS).exists():
         return _load_safetensors(folder / WEIGHTS, device), set()
-    try:
-        index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        shards = sorted(set(index["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise GraphoptError(f"'{folder / WEIGHTS_INDEX}' is not a safetensors index ({e!r}): "
-                            f"write the folder again with `graphopt apply`") from None
+    weight_map, metadata = read_index(folder / WEIGHTS_INDEX)
+    shards = sorted(set(weight_map.values()))
+    made = metadata.get("made_by_recipe", [])
+    if not (isinstance(made, list) and all(isinstance(n, str) for n in made)):
+        raise GraphoptError(f"'{folder / WEIGHTS_INDEX}': metadata 'made_by_recipe' must list "
+                            f"tensor names: write the folder again with `graphopt apply`")
     weights = {}
     for shard in shards:
         if not (folder / shard).exists():
@@ -154,7 +154,7 @@ def _read_weights(folder: Path, device) -> tuple[dict[str, torch.Tensor], set[st
                 raise GraphoptError(f"weight '{name}' is in two shards of '{folder}': write the "
                                     f"folder again with `graphopt apply`")
             weights[name] = value
-    return weights, set(index.get("metadata", {}).get("made_by_recipe", []))
+    return weights, set(made)
 
 
 def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
