@@ -12,7 +12,6 @@ called like the diffusers transformer.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ from graphopt.exporters.manifest import (
     SegmentedManifest,
     TensorSpec,
     compare_io,
+    onnx_metadata,
 )
 from graphopt.exporters.onnx import COMPUTED_NAME, META_BLOCKS, META_CONFIG, META_FIXED, META_REUSE
 from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, check_fixed_inputs
@@ -179,24 +179,22 @@ class SingleFileModel(FacadeModel):
 
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[Any] | None = None,
                  device: str | torch.device = "cpu", session_options: Any = None):
-        import onnx
-
         path = Path(path)
         segment = Segment.from_onnx(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = onnx_metadata(path)          # graphopt's entries, parsed (a malformed one is named)
         if META_BLOCKS not in meta:
             raise GraphoptError(f"'{path}' was not written by graphopt's export_onnx (no '{META_BLOCKS}' metadata); "
                                 "re-export it")
-        state = json.loads(meta.get(META_REUSE, "null"))
+        state = meta.get(META_REUSE)
         slots = state["slots"] if state else []
         state_inputs = state_input_names(slots) if state else set()
-        super().__init__(json.loads(meta.get(META_CONFIG, "{}")),
+        super().__init__(meta.get(META_CONFIG, {}),
                          [spec for spec in segment.inputs if spec.name not in state_inputs],
-                         json.loads(meta[META_BLOCKS]))
+                         meta[META_BLOCKS])
         self.thread_state(state, [spec for spec in segment.inputs if spec.name in state_inputs])
         self.device = torch.device(device)
         self.runner = OrtRunner(path, segment, self.device, providers, session_options)
-        self.fixed = json.loads(meta.get(META_FIXED, "{}"))     # non-tensor inputs baked in at export
+        self.fixed = meta.get(META_FIXED, {})     # non-tensor inputs baked in at export
         nexts = {f"next_{k}" for k in slots}
         self.outputs = [spec.name for spec in segment.outputs
                         if spec.name not in (GATES_NAME, COMPUTED_NAME) and spec.name not in nexts]

@@ -36,7 +36,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
 from graphopt.records import RecentRecords
-from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, next_name
+from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, check_call_inputs, next_name
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -338,6 +338,7 @@ def model_feeds(
     """A diffusers-style call's keyword arguments as the graph's named inputs, checked against `specs`,
     on `device` in the declared dtypes (a 0-d timestep is expanded to the batch). `what` names the
     model in errors."""
+    check_call_inputs(specs, batch_dim, kwargs, what)
     tensors = {}
     for spec in specs:
         if kwargs.get(spec.name) is None:
