@@ -340,8 +340,8 @@ def cmd_data(args) -> int:
     return 0
 
 
-def _add_data_parser(sub) -> None:
-    p = sub.add_parser("data", help="calibration and distillation data from a diffusers pipeline "
+def _add_data_parser(verb) -> None:
+    p = verb("data", help="calibration and distillation data from a diffusers pipeline "
                                     "and prompts: text states, and the teacher's samples or "
                                     "real clips' latents (resumable)")
     p.add_argument("pipeline", help="diffusers pipeline folder (model_index.json; WanPipeline)")
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT engine precision (--format trt; default fp16)")
     p.set_defaults(func=cmd_export)
 
-    _add_data_parser(sub)
+    _add_data_parser(verb)
 
     p = verb("demo", help="the whole toolchain on the shipped teacher (tiny-wan): inspect, "
                                     "compress, distill, export ONNX, bench, score; writes a report folder")
