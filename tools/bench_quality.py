@@ -238,7 +238,7 @@ def reuse_rows(bed: Testbed) -> list[Row]:
     diffusers' hook), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
     schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
     --reuse-targets executed fraction; no training of the weights."""
-    from graphopt.distill.reuse_schedule import reuse_schedule_path, set_reuse_schedule
+    from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
     from graphopt.tiny import embed_tokens
 
     rows = []
@@ -256,11 +256,11 @@ def reuse_rows(bed: Testbed) -> list[Row]:
                                            "ranking": list(range(len(bed.teacher.blocks)))}})
     data = generate(bed.config, 4, seed=CALIBRATION_SEED)
     cond = embed_tokens(bed.config, data.tokens)
-    path = reuse_schedule_path(routed, bed.teacher, cond, video_shape=data.videos.shape[1:],
-                               down_to=min(targets) + 1e-3, steps=bed.args.steps,
-                               guidance=bed.args.guidance, progress=True)
-    for t in targets:
-        point = next(p for p in path if p["fraction"] <= t + 1e-3)
+    found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
+                                  steps=bed.args.steps, guidance=bed.args.guidance,
+                                  temporal_weight=bed.args.temporal_weight, progress=True)
+    bed.reuse_search = {"model_calls": found["model_calls"], "path": [p["fraction"] for p in found["path"]]}
+    for t, point in zip(targets, found["points"]):
         graph = routed.copy()
         set_reuse_schedule(graph, point["computes"], steps=bed.args.steps)
         rows.append(Row(f"reuse schedule @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
@@ -357,6 +357,12 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
                 "attn2), so no hook is installed. The two other TaylorSeer rows name the modules: attn1, attn2 "
                 "and ffn of every block, refreshed every 2nd step after 3 warm-up steps; lite mode (block outputs "
                 "skipped, proj_out predicted)."]
+    if getattr(bed, "reuse_search", None):
+        search = bed.reuse_search
+        out += ["", f"reuse schedule search (4 calibration conditions, temporal weight {bed.args.temporal_weight:g}, "
+                    f"lazy greedy): {search['model_calls']} model calls; coarse path "
+                    + " ".join(f"{f:.3f}" for f in search["path"]) + "; each target refined block by block "
+                    "within the unit that crosses it."]
     if "prune" in groups:
         counts = bed.roles.counts()
         out += ["", f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
@@ -389,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-targets", default="0.5,0.35,0.25",
                         help="executed-FLOPs fractions of the learned reuse-schedule rows")
+    parser.add_argument("--temporal-weight", type=float, default=1.0,
+                        help="reuse schedule search: weight of the error's frame-to-frame change (flicker)")
     parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
     groups = [g for g in args.rows.split(",") if g]
