@@ -334,7 +334,7 @@ def plot_recovery(results: list[dict], path: Path, title: str) -> None:
         if key != "psnr_db":
             ax.axhline(0.9, color="0.6", lw=0.8, ls="--")
             ax.set_ylim(0, 1.05)
-        ax.set_xscale("symlog", linthresh=100)
+        ax.set_xticks(sorted({r["distill_steps"] for r in results if "curve" in r}))
         ax.set_xlabel("distillation steps (batch 8)")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
