@@ -128,11 +128,11 @@ def _write_report(out: Path, settings: DemoSettings, quick: bool, console, total
     fit = fit_reuse_schedule(student, teacher, embed_tokens(config, data.tokens),
                              video_shape=data.videos.shape[1:], target=settings.reuse_target,
                              steps=settings.sample_steps, progress=True)
-    first, last = fit["path"][0], fit["path"][-1]
+    # The chosen schedule's numbers, not the search path's last point (which may lie past the target).
     stage("fit", f"reuse schedule on {settings.fit_clips} calibration conditions: executed FLOPs "
-          f"{first['fraction']:.2f} → {last['fraction']:.2f} of the teacher's, final-clip MSE vs "
-          f"the teacher {last['error']:.2g}", t, executed_fraction=fit["fraction"],
-          clip_mse=fit["error"])
+          f"{fit['path'][0]['fraction']:.2f} → {fit['fraction']:.2f} of the teacher's (target "
+          f"{settings.reuse_target:g}), clip error vs the teacher {fit['error']:.2g}", t,
+          executed_fraction=fit["fraction"], clip_error=fit["error"])
 
     # 4. export: single-file ONNX, checked against the PyTorch student in onnxruntime.
     from graphopt.exporters.onnx import export_onnx, load_onnx

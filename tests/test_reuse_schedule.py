@@ -30,7 +30,7 @@ def test_targets_are_met_within_one_block_not_one_unit(setup):
     router = routed.gm.router
     block_share = float(router.cost.max()) / STEPS
     targets = [0.7, 0.45]                        # each inside a unit of the coarse path
-    found = reuse_schedule_search(routed, graph, cond, targets=targets, groups=1, **search)
+    found = reuse_schedule_search(routed, graph, cond, targets=targets, groups=1, last_computes=0, **search)
     coarse = [p["fraction"] for p in found["path"]]
     assert coarse[0] - coarse[1] > 1.5 * block_share   # groups=1: a unit is a step's 2 blocks
     for target, point in zip(targets, found["points"]):
@@ -44,10 +44,19 @@ def test_targets_are_met_within_one_block_not_one_unit(setup):
 
 def test_lazy_greedy_picks_the_full_greedys_schedule_with_fewer_calls(setup):
     graph, routed, cond, search = setup
-    lazy = reuse_schedule_search(routed, graph, cond, targets=[0.5], lazy=True, **search)
-    full = reuse_schedule_search(routed, graph, cond, targets=[0.5], lazy=False, **search)
+    lazy = reuse_schedule_search(routed, graph, cond, targets=[0.5], lazy=True, last_computes=0, **search)
+    full = reuse_schedule_search(routed, graph, cond, targets=[0.5], lazy=False, last_computes=0, **search)
     assert lazy["model_calls"] < full["model_calls"]
     assert torch.equal(lazy["points"][0]["computes"], full["points"][0]["computes"])
+
+
+def test_the_last_step_computes_and_a_target_below_the_floor_raises(setup):
+    graph, routed, cond, search = setup
+    found = reuse_schedule_search(routed, graph, cond, targets=[0.6], **search)   # last_computes=1
+    assert found["points"][0]["computes"][[0, STEPS - 1]].all()
+    assert all(p["computes"][STEPS - 1].all() for p in found["path"])
+    with pytest.raises(GraphoptError, match="below what reuse reaches"):
+        reuse_schedule_search(routed, graph, cond, targets=[0.3], **search)     # 2 of 4 steps must compute
 
 
 @pytest.mark.parametrize("targets", [[1.0], [0.0], []])

@@ -15,7 +15,9 @@ once a fresh score beats every stale one, instead of re-scoring all of them. Whe
 would pass below a target, that unit is split into its blocks, turned off one block at a time,
 best first, until the run's executed FLOPs are at most the target: a target is met within one
 block's share, not one unit's (a unit is about 0.05 of the run at 8 blocks and 10 steps). The
-first step always computes (nothing is cached yet).
+first step always computes (nothing is cached yet), and so do the `last_computes` last steps:
+reused there, a stale residual lands in the clip with no later step to correct it, and the clips
+flicker (measured: see README, "Quality at equal compute").
 
 The result goes into a schedule-mode router (`route(mode="schedule", skip="reuse", select="sign",
 budget=1)`): its table holds +1 where a block computes and −1 where it reuses, for the timestep
@@ -67,8 +69,8 @@ def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, target: float, **
 @torch.no_grad()
 def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, targets,
                           steps: int = 10, guidance: float = 4.0, shift: float = 1.0,
-                          groups: int = 2, temporal_weight: float = 1.0, lazy: bool = True,
-                          seed: int = 0, progress: bool = False) -> dict:
+                          groups: int = 2, temporal_weight: float = 0.0, last_computes: int = 1,
+                          lazy: bool = True, seed: int = 0, progress: bool = False) -> dict:
     """The greedy search on the conditions `cond` (clips × tokens × dim), from every block
     computing down to the lowest of `targets` (executed FLOPs fractions in (0, 1)). Returns
     {"path": one {"fraction", "error", "computes"} per coarse unit given, "points": one per
@@ -87,6 +89,8 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     n = router.n_blocks
     if not 1 <= groups <= n:
         raise GraphoptError(f"reuse schedule groups must be in [1, {n}], got {groups}")
+    if not 0 <= last_computes < steps:
+        raise GraphoptError(f"last_computes must be in [0, {steps - 1}], got {last_computes}")
     if temporal_weight < 0:
         raise GraphoptError(f"temporal_weight must be ≥ 0, got {temporal_weight}")
     members = [list(range(n))[g * n // groups:(g + 1) * n // groups] for g in range(groups)]
@@ -103,10 +107,11 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     calls = [0]                               # model calls the search made (its cost)
 
     def clip_error(x):
-        """Final clips vs the teacher's: MSE, plus `temporal_weight` × the MSE of the error's
-        change from frame to frame (an error that differs between frames is flicker)."""
+        """Final clips vs the teacher's: MSE, plus `temporal_weight` × the mean absolute change
+        of the error from frame to frame (an error that differs between frames is flicker; L1,
+        as the flicker metric, so many small background changes weigh what they do there)."""
         d = x.clamp(-1, 1) - reference
-        return float(d.square().mean() + temporal_weight * d.diff(dim=2).square().mean())
+        return float(d.square().mean() + temporal_weight * d.diff(dim=2).abs().mean())
 
     def resume(computes, start, snapshots, keep=False):
         """Clip error under `computes` (steps × blocks), resumed at step `start`."""
@@ -145,7 +150,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         units are re-scored in the order of their last round's scores until a fresh score is at
         most every remaining stale one (Minoux's lazy greedy: a unit's cost mostly grows as more
         of the run reuses, so a stale score is close to a lower bound); `stale` is updated."""
-        units = [(s, g) for s in range(1, steps) for g, m in enumerate(members)
+        units = [(s, g) for s in range(1, steps - last_computes) for g, m in enumerate(members)
                  if computes[s, m].all()]  # the first step computes: nothing is cached yet
         for u in list(stale):
             if u not in units:
@@ -176,9 +181,10 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         while len(found) < len(set(targets)):
             best = pick(computes, error, stale)
             if best is None:                  # everything reusable reuses: the floor
-                for t in set(targets) - set(found):
-                    found[t] = path[-1]
-                break
+                raise GraphoptError(
+                    f"reuse schedule targets {sorted(set(targets) - set(found))} are below what "
+                    f"reuse reaches here ({path[-1]['fraction']:.3f}: the first and the last "
+                    f"{last_computes} step(s) compute); raise the target or lower last_computes")
             s, m = best
             after = computes.clone()
             after[s, m] = False
