@@ -52,11 +52,23 @@ def test_lazy_greedy_picks_the_full_greedys_schedule_with_fewer_calls(setup):
 
 def test_the_last_step_computes_and_a_target_below_the_floor_raises(setup):
     graph, routed, cond, search = setup
-    found = reuse_schedule_search(routed, graph, cond, targets=[0.6], **search)   # last_computes=1
+    found = reuse_schedule_search(routed, graph, cond, targets=[0.6], last_computes=1, **search)
     assert found["points"][0]["computes"][[0, STEPS - 1]].all()
     assert all(p["computes"][STEPS - 1].all() for p in found["path"])
-    with pytest.raises(GraphoptError, match="below what reuse reaches"):
-        reuse_schedule_search(routed, graph, cond, targets=[0.3], **search)     # 2 of 4 steps must compute
+    with pytest.raises(GraphoptError, match="below what reuse reaches"):         # 2 of 4 steps compute
+        reuse_schedule_search(routed, graph, cond, targets=[0.3], last_computes=1, **search)
+
+
+def test_max_reuse_bounds_the_steps_a_residual_is_reused_in_a_row(setup):
+    graph, routed, cond, search = setup
+    free = reuse_schedule_search(routed, graph, cond, targets=[0.3], **search)
+    runs = lambda c: max(len(r) for b in range(c.shape[1])          # noqa: E731
+                         for r in "".join("R" if not x else " " for x in c[:, b].tolist()).split())
+    assert runs(free["points"][0]["computes"]) > 1                # unbounded: the search reuses in a row
+    bounded = reuse_schedule_search(routed, graph, cond, targets=[0.6], max_reuse=1, **search)
+    assert runs(bounded["points"][0]["computes"]) == 1
+    with pytest.raises(GraphoptError, match="below what reuse reaches"):         # 0, 2 compute: ≥ 0.5
+        reuse_schedule_search(routed, graph, cond, targets=[0.3], max_reuse=1, **search)
 
 
 @pytest.mark.parametrize("targets", [[1.0], [0.0], []])

@@ -262,7 +262,8 @@ def reuse_rows(bed: Testbed) -> list[Row]:
     found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
                                   steps=bed.args.steps, guidance=bed.args.guidance,
                                   temporal_weight=bed.args.temporal_weight,
-                                  last_computes=bed.args.last_computes, progress=True)
+                                  last_computes=bed.args.last_computes, max_reuse=bed.args.max_reuse,
+                                  progress=True)
     bed.reuse_search = {"model_calls": found["model_calls"], "path": [p["fraction"] for p in found["path"]]}
     for t, point in zip(targets, found["points"]):
         graph = routed.copy()
@@ -421,7 +422,7 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
     if getattr(bed, "reuse_search", None):
         search = bed.reuse_search
         out += ["", f"reuse schedule search (4 calibration conditions, temporal weight {bed.args.temporal_weight:g}, "
-                    f"last {bed.args.last_computes} step(s) computing, lazy greedy): {search['model_calls']} model calls; coarse path "
+                    f"last {bed.args.last_computes} step(s) computing, max reuse in a row {bed.args.max_reuse}, lazy greedy): {search['model_calls']} model calls; coarse path "
                     + " ".join(f"{f:.3f}" for f in search["path"]) + "; each target refined block by block "
                     "within the unit that crosses it."]
     if "prune" in groups:
@@ -458,8 +459,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="executed-FLOPs fractions of the learned reuse-schedule rows")
     parser.add_argument("--temporal-weight", type=float, default=0.0,
                         help="reuse schedule search: weight of the error's mean frame-to-frame change")
-    parser.add_argument("--last-computes", type=int, default=1,
+    parser.add_argument("--last-computes", type=int, default=0,
                         help="reuse schedule search: final sampling steps that always compute")
+    parser.add_argument("--max-reuse", type=int, default=None,
+                        help="reuse schedule search: most steps in a row a block may reuse one residual")
     parser.add_argument("--recovery", default="",
                         help="recovery curve: distillation steps, comma-separated (e.g. 0,100,300,1000); each "
                              "distillable row of --rows is scored at each, from one run; writes <out>/recovery.png")

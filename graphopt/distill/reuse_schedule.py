@@ -69,8 +69,9 @@ def fit_reuse_schedule(routed, teacher, cond: torch.Tensor, *, target: float, **
 @torch.no_grad()
 def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, targets,
                           steps: int = 10, guidance: float = 4.0, shift: float = 1.0,
-                          groups: int = 2, temporal_weight: float = 0.0, last_computes: int = 1,
-                          lazy: bool = True, seed: int = 0, progress: bool = False) -> dict:
+                          groups: int = 2, temporal_weight: float = 0.0, last_computes: int = 0,
+                          max_reuse: int | None = None, lazy: bool = True, seed: int = 0,
+                          progress: bool = False) -> dict:
     """The greedy search on the conditions `cond` (clips × tokens × dim), from every block
     computing down to the lowest of `targets` (executed FLOPs fractions in (0, 1)). Returns
     {"path": one {"fraction", "error", "computes"} per coarse unit given, "points": one per
@@ -91,6 +92,8 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         raise GraphoptError(f"reuse schedule groups must be in [1, {n}], got {groups}")
     if not 0 <= last_computes < steps:
         raise GraphoptError(f"last_computes must be in [0, {steps - 1}], got {last_computes}")
+    if max_reuse is not None and max_reuse < 1:
+        raise GraphoptError(f"max_reuse must be ≥ 1 (or None), got {max_reuse}")
     if temporal_weight < 0:
         raise GraphoptError(f"temporal_weight must be ≥ 0, got {temporal_weight}")
     members = [list(range(n))[g * n // groups:(g + 1) * n // groups] for g in range(groups)]
@@ -145,13 +148,28 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
             error = resume(computes, s, snapshots)
         return point(computes, error)
 
+    def allowed(computes, s, blocks):
+        """With `max_reuse`, no block may reuse one residual for more than that many steps in a row."""
+        if max_reuse is None:
+            return True
+        for b in blocks:
+            run, t = 1, s - 1
+            while t >= 0 and not computes[t, b]:
+                run, t = run + 1, t - 1
+            t = s + 1
+            while t < steps and not computes[t, b]:
+                run, t = run + 1, t + 1
+            if run > max_reuse:
+                return False
+        return True
+
     def pick(computes, error, stale):
         """The unit (step, group) whose reuse costs the least error per FLOP saved. With `lazy`,
         units are re-scored in the order of their last round's scores until a fresh score is at
         most every remaining stale one (Minoux's lazy greedy: a unit's cost mostly grows as more
         of the run reuses, so a stale score is close to a lower bound); `stale` is updated."""
         units = [(s, g) for s in range(1, steps - last_computes) for g, m in enumerate(members)
-                 if computes[s, m].all()]  # the first step computes: nothing is cached yet
+                 if computes[s, m].all() and allowed(computes, s, m)]  # step 0: nothing cached yet
         for u in list(stale):
             if u not in units:
                 del stale[u]
