@@ -35,6 +35,7 @@ row), <out>/pareto.png (aggregate and PSNR against executed FLOPs) and, with --j
     python tools/bench_quality.py --out out/bench_quality      # everything: ~29 min of 1 core (more when shared)
     python tools/bench_quality.py --rows caches --clips 16 --json out/bq.json
     python tools/bench_quality.py --rows drop,route --clips 4 --distill-steps 0 --targets 0.5
+    python tools/bench_quality.py --rows drop,route --targets 0.7 --recovery 0,100,300,1000 --json out/rec.json
 
 To add rows: write a builder `(bed: Testbed) -> list[Row]` and add it to ROW_BUILDERS.
 """
@@ -93,6 +94,8 @@ class Row:
     context: contextlib.AbstractContextManager | None = None
     distill: bool = False
     timed: bool = True
+    curve: str | None = None           # recovery curve: the row distilled, and after how many steps
+    distill_steps: int | None = None
 
 
 class Testbed:
@@ -238,7 +241,7 @@ def reuse_rows(bed: Testbed) -> list[Row]:
     diffusers' hook), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
     schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
     --reuse-targets executed fraction; no training of the weights."""
-    from graphopt.distill.reuse_schedule import reuse_schedule_path, set_reuse_schedule
+    from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
     from graphopt.tiny import embed_tokens
 
     rows = []
@@ -256,11 +259,13 @@ def reuse_rows(bed: Testbed) -> list[Row]:
                                            "ranking": list(range(len(bed.teacher.blocks)))}})
     data = generate(bed.config, 4, seed=CALIBRATION_SEED)
     cond = embed_tokens(bed.config, data.tokens)
-    path = reuse_schedule_path(routed, bed.teacher, cond, video_shape=data.videos.shape[1:],
-                               down_to=min(targets) + 1e-3, steps=bed.args.steps,
-                               guidance=bed.args.guidance, progress=True)
-    for t in targets:
-        point = next(p for p in path if p["fraction"] <= t + 1e-3)
+    found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
+                                  steps=bed.args.steps, guidance=bed.args.guidance,
+                                  temporal_weight=bed.args.temporal_weight,
+                                  last_computes=bed.args.last_computes, max_reuse=bed.args.max_reuse,
+                                  progress=True)
+    bed.reuse_search = {"model_calls": found["model_calls"], "path": [p["fraction"] for p in found["path"]]}
+    for t, point in zip(targets, found["points"]):
         graph = routed.copy()
         set_reuse_schedule(graph, point["computes"], steps=bed.args.steps)
         rows.append(Row(f"reuse schedule @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
@@ -287,6 +292,61 @@ def distilled_rows(bed: Testbed, rows: list[Row], steps: int) -> list[Row]:
     return out
 
 
+def recovery_rows(bed: Testbed, rows: list[Row], checkpoints: list[int]) -> list[Row]:
+    """Every row marked `distill`, at each checkpoint step of ONE distillation run of max(checkpoints)
+    steps (cosine schedule over the whole run, resumed from the trainer's checkpoint at each stop): the
+    recovery curve. Step 0 is the row itself."""
+    from graphopt.distill.run import distill
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_distill_data(bed.config, Path(tmp) / "data")
+        for i, row in enumerate([r for r in rows if r.distill]):
+            routed = getattr(row.model.gm, "router", None) is not None
+            settings = distill_settings(data, Path(tmp) / f"run{i}", max(checkpoints), routed=routed)
+            settings["run"]["resume"] = True
+            settings["run"]["checkpoint_every"] = max(checkpoints)
+            for k in checkpoints:
+                start = time.perf_counter()
+                model = row.model if k == 0 else distill(row.model.copy(), bed.teacher, settings, stop_at_step=k)
+                out.append(Row(f"{row.name} + distill {k}", row.group, f"{row.family} + distill", model,
+                               curve=row.name, distill_steps=k))
+                print(f"{row.name}: {k} distillation steps ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def plot_recovery(results: list[dict], path: Path, title: str) -> None:
+    """PNG: aggregate and colour / shape / direction against distillation steps, one line per curve."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from graphopt.io import atomic_path
+
+    keys = [("aggregate", "aggregate"), ("colour_accuracy", "colour"), ("shape_accuracy", "shape"),
+            ("direction_adherence", "direction"), ("psnr_db", "PSNR dB vs teacher")]
+    fig = Figure(figsize=(3.2 * len(keys), 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys))
+    curves = list(dict.fromkeys(r["curve"] for r in results if "curve" in r))
+    for ax, (key, label) in zip(axes, keys):
+        for c, curve in enumerate(curves):
+            mine = [r for r in results if r.get("curve") == curve]
+            ax.plot([r["distill_steps"] for r in mine], [r[key] for r in mine], marker="o", color=f"C{c}",
+                    label=f"{curve} ({mine[-1]['flops']:.2f}x)")
+        if key != "psnr_db":
+            ax.axhline(0.9, color="0.6", lw=0.8, ls="--")
+            ax.set_ylim(0, 1.05)
+        ax.set_xticks(sorted({r["distill_steps"] for r in results if "curve" in r}))
+        ax.set_xlabel("distillation steps (batch 8)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
 # ---- measuring ------------------------------------------------------------------------------------
 
 def measure(bed: Testbed, rows: list[Row], clips: int) -> tuple[list[dict], list]:
@@ -303,6 +363,8 @@ def measure(bed: Testbed, rows: list[Row], clips: int) -> tuple[list[dict], list
         teacher_scores = teacher_scores or scores
         results.append({"name": row.name, "group": row.group, "family": row.family, "flops": flops / teacher_flops,
                         "executed_flops": flops, **scores, "aggregate": aggregate_score(scores, teacher_scores)})
+        if row.curve is not None:
+            results[-1].update(curve=row.curve, distill_steps=row.distill_steps)
         grid.append((row.name, videos))
     return results, grid
 
@@ -357,6 +419,12 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
                 "attn2), so no hook is installed. The two other TaylorSeer rows name the modules: attn1, attn2 "
                 "and ffn of every block, refreshed every 2nd step after 3 warm-up steps; lite mode (block outputs "
                 "skipped, proj_out predicted)."]
+    if getattr(bed, "reuse_search", None):
+        search = bed.reuse_search
+        out += ["", f"reuse schedule search (4 calibration conditions, temporal weight {bed.args.temporal_weight:g}, "
+                    f"last {bed.args.last_computes} step(s) computing, max reuse in a row {bed.args.max_reuse}, lazy greedy): {search['model_calls']} model calls; coarse path "
+                    + " ".join(f"{f:.3f}" for f in search["path"]) + "; each target refined block by block "
+                    "within the unit that crosses it."]
     if "prune" in groups:
         counts = bed.roles.counts()
         out += ["", f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
@@ -389,12 +457,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-targets", default="0.5,0.35,0.25",
                         help="executed-FLOPs fractions of the learned reuse-schedule rows")
+    parser.add_argument("--temporal-weight", type=float, default=0.0,
+                        help="reuse schedule search: weight of the error's mean frame-to-frame change")
+    parser.add_argument("--last-computes", type=int, default=0,
+                        help="reuse schedule search: final sampling steps that always compute")
+    parser.add_argument("--max-reuse", type=int, default=None,
+                        help="reuse schedule search: most steps in a row a block may reuse one residual")
+    parser.add_argument("--recovery", default="",
+                        help="recovery curve: distillation steps, comma-separated (e.g. 0,100,300,1000); each "
+                             "distillable row of --rows is scored at each, from one run; writes <out>/recovery.png")
     parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
     groups = [g for g in args.rows.split(",") if g]
     unknown = [g for g in groups if g not in ROW_BUILDERS]
     if unknown:
         parser.error(f"unknown row group(s) {', '.join(unknown)}: choose from {', '.join(ROW_BUILDERS)}")
+    if any(int(k) < 0 for k in args.recovery.split(",") if k):
+        parser.error("--recovery steps must be ≥ 0")
     if args.clips < 1 or args.steps < 1:
         parser.error("--clips and --steps must be at least 1")
     torch.set_num_threads(args.threads)
@@ -406,7 +485,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [Row("teacher", "teacher", "teacher", bed.teacher)]
     for group in tqdm(groups, desc="building rows"):
         rows += ROW_BUILDERS[group](bed)
-    if args.distill_steps:
+    checkpoints = sorted({int(k) for k in args.recovery.split(",") if k})
+    if checkpoints:                     # the curve replaces the rows it follows
+        rows = rows[:1] + recovery_rows(bed, rows, checkpoints) + [r for r in rows[1:] if not r.distill]
+    elif args.distill_steps:
         rows += distilled_rows(bed, rows, args.distill_steps)
     results, grid = measure(bed, rows, args.clips)
     teacher_call_s = add_latency(bed, rows, results, args.repeats)
@@ -422,6 +504,10 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(args.out / "bench_quality.md", markdown)
     save_frame_grid(args.out / "bench_quality.png", grid)
     plot_pareto(results, args.out / "pareto.png", title=title)
+    if checkpoints:
+        plot_recovery(results, args.out / "recovery.png",
+                      f"recovery under distillation: {args.clips} held-out conditions, {args.steps} steps, cfg "
+                      f"{args.guidance:g}")
     if args.json is not None:
         write_json(args.json, results, bed, command)
     console.print(f"wrote {args.out}/bench_quality.md, bench_quality.png, pareto.png"
