@@ -13,11 +13,17 @@ is deleted by the next) and renamed into place.
 `load_aoti(path)` returns an `AOTIModel`, called like the diffusers transformer
 (`graphopt.dropin.FacadeModel`): it can replace `pipe.transformer`.
 
-Inductor fix applied during compilation (torch 2.13): Inductor lowers a cond's branches for the
-strides its operands had when traced, but passes the operands in whatever layout their producers
-were given later (e.g. a pointwise result stored transposed for the matmul that reads it); the branch
-then reads the wrong elements — silently in AOTInductor. `_cond_operands_keep_traced_strides` pins
-each operand to its traced strides (a copy only where the layouts differ).
+Inductor fixes applied during compilation (torch 2.13), both silent wrong results in AOTInductor
+(`_inductor_cond_fixes`):
+- operand strides: Inductor lowers a cond's branches for the strides its operands had when traced,
+  but passes the operands in whatever layout their producers were given later (e.g. a pointwise
+  result stored transposed for the matmul that reads it); the branch then reads the wrong elements.
+  Each operand is pinned to its traced strides (a copy only where the layouts differ).
+- predicates: the C++ wrapper reads a cond's predicate into a C++ bool named after the predicate's
+  buffer and reads it once per buffer (`used_cond_predicate`), but a view's name is its base
+  buffer's: the routed blocks' predicates `run[0]`, `run[1]`, … are views of one `run` buffer, so
+  every cond took block 0's decision (block 0 skipped → every block skipped). Each predicate is
+  copied into a buffer of its own (one bool).
 """
 from __future__ import annotations
 
@@ -99,7 +105,7 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
                 raise GraphoptError(f"torch.export of the compressed graph failed: {first}") from e
             bar.update()
             bar.set_postfix_str("compile")
-            with _cond_operands_keep_traced_strides():
+            with _inductor_cond_fixes():
                 torch._inductor.aoti_compile_and_package(
                     program, package_path=str(tmp / path.name),
                     inductor_configs={"aot_inductor.metadata": metadata})
@@ -165,15 +171,17 @@ class AOTIModel(FacadeModel):
 
 
 @contextlib.contextmanager
-def _cond_operands_keep_traced_strides():
-    """While compiling: every torch.cond operand has, at run time, the strides its branches were
-    compiled for (see the module docstring)."""
+def _inductor_cond_fixes():
+    """While compiling: every torch.cond reads its own predicate and gets its operands in the
+    strides its branches were compiled for (see the module docstring)."""
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
     original = ir.Conditional.__dict__["create"]
 
     def create(cls, predicate, true_fn, false_fn, operands):
+        if isinstance(predicate, ir.TensorBox):     # not a SymBool / Python bool
+            predicate = ir.ExternKernel.copy_input(predicate)
         traced = V.graph.current_node.args[-1]
         pinned = []
         for op, node in zip(operands, traced):

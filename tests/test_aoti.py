@@ -48,6 +48,16 @@ def test_routed_package_equals_pytorch(tmp_path):
         model(**wrong)
 
 
+def test_later_block_runs_after_a_skipped_one(tmp_path):
+    # Every cond's predicate is a view of the router's one `run` tensor; Inductor's C++ wrapper
+    # read them all as block 0's (torch 2.13), so block 1 was skipped too (rel. error ~0.16).
+    graph = capture(build_model("wan"))
+    Route(budget=0.6).run(graph)
+    graph.gm.router.force_gates = torch.tensor([False, True])     # block 0 skipped, block 1 runs
+    model = _check(graph, tmp_path)
+    assert model.records[-1].executed == (1,) and model.records[-1].skipped == (0,)
+
+
 def test_bad_input_is_refused(tmp_path):
     graph = capture(build_model("wan", device="meta"))
     with pytest.raises(GraphoptError, match="no weights"):
