@@ -122,15 +122,18 @@ def test_mag_cache_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_pass_aoti_package_equals_eager_over_a_run(wan, tmp_path):
+@pytest.mark.parametrize("passes", [{"cache": {"method": "first-block", "threshold": 0.1}},
+                                    {"route": {"budget": 0.6, "skip": "reuse"}}],
+                         ids=["cache", "route-reuse"])
+def test_reuse_aoti_package_equals_eager_over_a_run(wan, tmp_path, passes):
     """AOTInductor: the lifted state threaded by the loaded package, as in single-file ONNX; its
-    records say at which steps the cached blocks computed."""
+    records say which blocks computed at each step."""
     from graphopt.exporters.aoti import export_aoti, load_aoti
 
-    cached = wan.copy()
-    compress(cached, ["cache"], {"cache": {"method": "first-block", "threshold": 0.1}})
-    package = load_aoti(export_aoti(cached, tmp_path / "model.pt2"))
-    assert package.state["slots"] == ["first_block_residual", "residual_s0"]
-    _compare(cached, package, wan, lambda: sum(1 in r.executed for r in package.records))
+    model = wan.copy()
+    compress(model, list(passes), passes)
+    package = load_aoti(export_aoti(model, tmp_path / "model.pt2"))
+    assert package.state["slots"]
+    _compare(model, package, wan, lambda: sum(not r.skipped for r in package.records))
     reset_cache(package)
     assert package.reuse.state()["slots"] == {}
