@@ -1,9 +1,9 @@
-"""The `student` pass and distill() on graphs: taps and block mapping through prune/drop/route,
+"""The graph pair and distill() on graphs: taps and block mapping through prune/drop/route,
 training-mode gates equal inference skipping at hard gates, stage 1 recovers a 50%-head-pruned
-tiny Wan, stage 2 meets the route budget, resume, 2-process DDP, and `graphopt distill`.
+tiny Wan, stage 2 meets the route budget, resume, 2-process DDP and FSDP2, and `graphopt distill`.
 
-Run as a script, this file is the worker of the DDP test:
-    torchrun --nproc_per_node 2 tests/test_student.py OUTDIR
+Run as a script, this file is the worker of the multi-process tests:
+    torchrun --nproc_per_node 2 tests/test_student.py ddp|fsdp OUTDIR
 """
 from __future__ import annotations
 
@@ -226,20 +226,24 @@ def test_resume_on_graphs_gives_the_uninterrupted_losses(graphs, tmp_path):
     assert [e["stage"] for e in reference] == [1, 1, 1, 2, 2, 2]
 
 
-@pytest.mark.slow       # ~30 s; the default suite covers DDP with test_trainer's local pair
-def test_ddp_two_processes_on_graphs_keep_identical_parameters(tmp_path):
+def _run_workers(mode: str, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", __file__, str(tmp_path)], env=env,
+                             "--nproc_per_node", "2", __file__, mode, str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == 0, output[-6000:]
+
+
+@pytest.mark.slow       # ~30 s; the default suite covers DDP with test_trainer's local pair
+def test_ddp_two_processes_on_graphs_keep_identical_parameters(tmp_path):
+    _run_workers("ddp", tmp_path)
     from safetensors.torch import load_file
 
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
@@ -250,6 +254,22 @@ def test_ddp_two_processes_on_graphs_keep_identical_parameters(tmp_path):
         moved += not torch.equal(value, initial[name])
     assert moved > 10 and any(n.startswith("router.") for n in rank0)
     assert (tmp_path / "out" / "model.safetensors").is_file()          # written by rank 0 only
+
+
+@pytest.mark.slow       # ~1 min: two 2-process runs
+def test_fsdp2_on_graphs_matches_ddp(tmp_path):
+    """FSDP2 on the graph pair (the twins shard as one group each: see trainer._shard_fsdp) trains
+    the routed student to what DDP trains it to."""
+    from safetensors.torch import load_file
+
+    _run_workers("ddp", tmp_path / "ddp")
+    _run_workers("fsdp", tmp_path / "fsdp")
+    ddp, fsdp = (load_file(str(tmp_path / mode / "rank0.safetensors")) for mode in ("ddp", "fsdp"))
+    initial = graphs_initial_state()
+    assert sorted(fsdp) == sorted(ddp) and any(n.startswith("router.") for n in fsdp)
+    assert sum(not torch.equal(v, initial[k]) for k, v in fsdp.items()) > 10     # it trained
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def graphs_initial_state():
@@ -299,12 +319,12 @@ def test_cli_distill_end_to_end(tmp_path, capsys):
 # Worker
 
 
-def _ddp_worker(out: Path) -> None:
+def _worker(mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     teacher = _teacher()
     student = _compressed(teacher, ["prune", "route"],
                           {"prune": {"ratio": 0.5}, "route": {"budget": 0.7}})
-    values = _config(out, run={"parallel": "ddp"}, stage1={"steps": 2}, stage2={"steps": 2})
+    values = _config(out, run={"parallel": mode}, stage1={"steps": 2}, stage2={"steps": 2})
     graph = distill(student, teacher, values, out=out / "out")
     from safetensors.torch import save_file
 
@@ -313,4 +333,4 @@ def _ddp_worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _ddp_worker(Path(sys.argv[1]))
+    _worker(sys.argv[1], Path(sys.argv[2]))

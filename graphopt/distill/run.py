@@ -24,7 +24,7 @@ import torch
 from graphopt.distill.config import DistillConfig, config_from_dict, read_config
 from graphopt.distill.checkpoint import check_checkpoint_dir
 from graphopt.distill.data import DistillData
-from graphopt.distill.trainer import output_error, train
+from graphopt.distill.trainer import joined_processes, output_error, train
 from graphopt.errors import GraphoptError
 from graphopt.io import check_output_dir
 
@@ -176,14 +176,15 @@ def distill(student, teacher=None, config: DistillConfig | dict | str | os.PathL
     pair = GraphPair(student, teacher, timestep_scale=config.data.num_train_timesteps)
     batches = eval_batches(config, student)
     before = output_error(pair, batches)
-    result = train(pair, config, stop_at_step=stop_at_step)
-    graph = pair.finish()
-    after = output_error(pair, batches)
+    with joined_processes(config.run.device):      # FSDP2 gathers weights after training too
+        result = train(pair, config, stop_at_step=stop_at_step)
+        after = output_error(pair, batches)
+        exec_fraction = pair.executed_fraction(batches)
+        graph = pair.finish()   # last: a sharded twin's forward re-shards the modules it shares
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()] \
         if result.log_path.is_file() else []
     report = DistillReport(steps=result.steps_done, output_error_before=before,
-                           output_error_after=after,
-                           exec_fraction_after=pair.executed_fraction(batches),
+                           output_error_after=after, exec_fraction_after=exec_fraction,
                            last_losses=result.last_losses,
                            mapping=[list(m) for m in pair.mapping], log=log)
     graph.reports["distill"] = report

@@ -213,12 +213,22 @@ class GraphPair:
     # -- after training
     def finish(self):
         """The student graph with the trained weights (copied back where the trainer replaced
-        parameter objects, e.g. FSDP2), its router in eval mode; returns the graph."""
+        parameter objects, e.g. FSDP2), its router in eval mode; returns the graph. Under FSDP2,
+        call it while the process group is up: it gathers the shards."""
+        reshard = getattr(self.student, "reshard", None)
+        if callable(reshard):       # FSDP2: sharded again, whatever the last forward left unsharded
+            reshard()
         own = dict(self.student_graph.gm.named_parameters())
         with torch.no_grad():
             for name, p in self.student.named_parameters():
                 if name in own and own[name] is not p:
                     own[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+            # The submodules the twin shares with the graph (the router, routed blocks' branches)
+            # had their parameters replaced by FSDP2's sharded ones: put whole tensors back.
+            for module in self.student_graph.gm.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if hasattr(p, "full_tensor"):
+                        setattr(module, name, nn.Parameter(p.full_tensor(), p.requires_grad))
         for p in self.student_graph.gm.parameters():
             p.requires_grad_(True)
         if self.router is not None:

@@ -584,9 +584,18 @@ def train(pair: DistillPair, config: DistillConfig, *, stop_at_step: int | None 
     to call train() twice in one torchrun process, init the group first (torchrun's store does
     not take a second init_process_group), and train() then leaves it open.
     """
-    procs = _start_processes(config.run.device)
-    try:
+    with joined_processes(config.run.device) as procs:
         return _Trainer(pair, config, procs).run(stop_at_step)
+
+
+@contextlib.contextmanager
+def joined_processes(device_option: str) -> Iterator[_Dist]:
+    """The torchrun process group for the block (created when there is none, then destroyed).
+    Around more than train(): an FSDP2-sharded pair gathers its weights in collectives after
+    training too (GraphPair.finish, evaluating the student)."""
+    procs = _start_processes(device_option)
+    try:
+        yield procs
     finally:
         if procs.created_group:
             dist.destroy_process_group()
