@@ -93,7 +93,7 @@ def test_reuse_routed_segmented_onnx_equals_eager_per_sample_and_per_context(tmp
               for k, v in graph.example_inputs.items() if isinstance(v, torch.Tensor)}
     x_eager, x_onnx = inputs[graph.latent_input].clone(), inputs[graph.latent_input].clone()
     errors = []
-    for i, t in enumerate(torch.linspace(999.0, 50.0, 6)):
+    for i, t in enumerate(torch.linspace(999.0, 50.0, 10)):
         on = torch.ones(2, 2, dtype=torch.bool)
         mask = on if i == 0 else torch.tensor([[True, False], [False, True]]) ^ bool(i % 2)
         graph.gm.router.force_gates = onnx_model.force_gates = mask
