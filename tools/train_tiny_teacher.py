@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{num_params / 1e6:.2f} M parameters, steps {first_step}..{args.steps} of {args.batch_size} clips "
           f"on {device}{' (bf16 autocast)' if bf16 else ''}", flush=True)
     forward = torch.compile(model) if args.compile else model  # `model` keeps the plain state-dict names
-    start = time.perf_counter()
+    start = mark = time.perf_counter()       # `mark`: the clock at step PLAN_AFTER/3, set below
     stream = torch.utils.data.DataLoader(ClipStream(data, args.batch_size, args.seed, args.steps, first_step),
                                          batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda")
     bar = tqdm(stream, total=args.steps, initial=first_step, desc="train", dynamic_ncols=True, mininterval=2.0)
