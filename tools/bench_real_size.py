@@ -26,6 +26,7 @@ onnxruntime single-file export, AOTInductor on request):
 
     nice -n 10 python tools/bench_real_size.py [--sizes 1.3b 14b] [--backends torch onnxruntime]
         [--blocks 2] [--steps 3] [--repeats 3] [--threads 2] [--json PATH]
+    python tools/bench_real_size.py --full-size-flops   # prune FLOPs on the whole architectures
 """
 import argparse
 import json
@@ -148,6 +149,34 @@ def measure(size: str, args) -> list[dict]:
     return results
 
 
+def full_size_prune_flops() -> list[str]:
+    """Cost-model FLOPs ratio of "prune 50%" on the whole published architectures at their real
+    latent (81 frames 480p, 512 text tokens), captured on the meta device (no weights, so the
+    kept heads and channels are given: the first half of each; which half does not change FLOPs)."""
+    from graphopt import ffnflow
+    from graphopt.families import PUBLISHED
+
+    config14, spec = PUBLISHED["wan2.1-t2v-14b"]
+    configs = {"1.3b": {**config14, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+               "14b": config14}
+    lines = ["| architecture (whole, real latent) | prune 50% heads | prune 50% heads + FFN |",
+             "|---|---|---|"]
+    for size, config in configs.items():
+        graph = capture(build_model("wan", config, "meta"), spec=spec)
+        base = model_cost(graph).flops
+        heads = {a.name: list(range(a.heads // 2)) for a in graph.attentions.values()
+                 if a.block is not None and a.prunable}
+        channels = {n: list(range(f.hidden // 2)) for n, f in ffnflow.find(graph).items()}
+        ratios = []
+        for p in (Prune(heads=heads), Prune(heads=heads, channels=channels)):
+            g = graph.copy()
+            p.run(g)
+            ratios.append(model_cost(g).flops / base)
+        lines.append(f"| Wan2.1-{size} ({len(graph.blocks)} blocks, {human(base)} FLOPs/step) | "
+                     f"{ratios[0]:.3f} | {ratios[1]:.3f} |")
+    return lines
+
+
 def render(results: list[dict]) -> str:
     lines = ["| width | backend | row | executed FLOPs/step | FLOPs ratio | latency/step | "
              "latency ratio | efficiency | overhead |", "|---|---|---|---|---|---|---|---|---|"]
@@ -172,7 +201,13 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-threshold", type=float, default=0.05)
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--full-size-flops", action="store_true",
+                        help="only print the cost model's prune FLOPs ratios on the whole "
+                             "published architectures (meta device, no timing)")
     args = parser.parse_args()
+    if args.full_size_flops:
+        print("\n".join(full_size_prune_flops()))
+        return
     if args.blocks < 2 or args.steps < 2 or args.repeats < 1:
         parser.error("--blocks and --steps must be >= 2 (routing and caching need them), "
                      "--repeats >= 1")
