@@ -146,6 +146,8 @@ def measure(size: str, args) -> list[dict]:
                     "overhead": (latency[twin] / latency["original"] - 1.0) if twin else None,
                     "tokens": graph.attentions["blocks.0.attn1"].q_tokens,
                     "steps": args.steps, "repeats": args.repeats, "threads": args.threads})
+            # Printed per backend: a long run that is stopped still shows what it measured.
+            print(render([r for r in results if r["backend"] == backend]), flush=True)
     return results
 
 
@@ -217,7 +219,6 @@ def main():
     results = []
     for size in args.sizes:
         results += measure(size, args)
-        print(render([r for r in results if r["size"] == size]), flush=True)
     print(f"\n{args.blocks} blocks, random weights, float32, CPU, {args.threads} thread(s); "
           f"{args.steps} steps per run, median of {args.repeats} runs. efficiency = latency "
           f"speedup / executed-FLOPs speedup; overhead = latency(all on) / latency(original) - 1")
