@@ -2,7 +2,7 @@
 
 The model is never in memory. The recipe is replayed on a meta-device capture of its
 architecture, which says what becomes of each checkpoint tensor: kept, sliced (the rows/columns
-of pruned heads, from each pass's `weight_slices`: the same description the pass applies to a
+of pruned heads and FFN channels, from each pass's `weight_slices`: the same description the pass applies to a
 live graph) or gone (its block was dropped). Then each input shard is read one tensor at a time,
 sliced and appended to its output shard, whose header is known in advance. Peak memory: the meta
 graph plus about twice the largest tensor. Tensors are read with plain positioned reads, not

@@ -1,4 +1,4 @@
-"""Cost model: FLOPs, parameters and parameter bytes per block, per attention, per head, per step.
+"""Cost model: FLOPs, parameters and parameter bytes per block, attention, head, FFN channel, step.
 
 FLOPs count what `torch.utils.flop_counter.FlopCounterMode` counts — 2 × multiply-adds of
 matmul-class ops (linear, matmul/bmm, convolution, scaled-dot-product attention); elementwise ops
@@ -72,12 +72,22 @@ class AttentionCost:
 
 
 @dataclass
+class FFNCost:
+    flops: int
+    params: int
+    hidden: int
+    flops_per_channel: int
+    params_per_channel: int
+
+
+@dataclass
 class Cost:
     flops: int = 0                       # per step
     params: int = 0
     param_bytes: int = 0
     blocks: list[dict] = field(default_factory=list)     # index, name, flops, params, bytes
     attentions: dict[str, AttentionCost] = field(default_factory=dict)
+    ffns: dict[str, FFNCost] = field(default_factory=dict)
     outside_blocks_flops: int = 0
 
     def block_flops(self) -> list[int]:
@@ -126,6 +136,10 @@ def model_cost(graph) -> Cost:
     cost.blocks = per_block
     for name, flow in graph.flows.items():
         cost.attentions[name] = attention_cost(flow, trainable)
+    from graphopt import ffnflow
+
+    for name, flow in ffnflow.find(graph).items():
+        cost.ffns[name] = ffn_cost(flow)
     return cost
 
 
@@ -177,12 +191,35 @@ def attention_cost(flow: headflow.HeadFlow, params: dict) -> AttentionCost:
     return AttentionCost(flops, params_total, per_head_flops, per_head_params)
 
 
-def predicted_after_pruning(graph, removed: dict[str, int]) -> tuple[int, int]:
-    """(FLOPs, params) the cost model predicts after removing `removed[attention]` heads."""
+def ffn_cost(flow) -> FFNCost:
+    """Cost of one FFN's channel-structured part, and the share of one hidden channel.
+
+    Linear in the channel count: a channel owns len(offsets) up-projection rows (two in a gated
+    unit) with their biases, and one down-projection column. Elementwise work counts zero.
+    """
+    up_rows, in_f = _shape(flow.up.args[1])
+    rows_per_channel = len(flow.offsets)
+    tokens = _numel(flow.up) // up_rows
+    has_bias = len(flow.up.args) > 2 and flow.up.args[2] is not None
+    out_f = _shape(flow.down.args[1])[0]
+    per_flops = 2 * tokens * in_f * rows_per_channel + 2 * _numel(flow.down)
+    per_params = rows_per_channel * (in_f + (1 if has_bias else 0)) + out_f
+    return FFNCost(per_flops * flow.hidden, per_params * flow.hidden, flow.hidden,
+                   per_flops, per_params)
+
+
+def predicted_after_pruning(graph, removed: dict[str, int],
+                            removed_channels: dict[str, int] | None = None) -> tuple[int, int]:
+    """(FLOPs, params) the cost model predicts after removing `removed[attention]` heads and
+    `removed_channels[ffn]` FFN hidden channels."""
     cost = model_cost(graph)
     flops, params = cost.flops, cost.params
     for name, k in removed.items():
         a = cost.attentions[name]
         flops -= k * a.flops_per_head
         params -= k * a.params_per_head
+    for name, k in (removed_channels or {}).items():
+        f = cost.ffns[name]
+        flops -= k * f.flops_per_channel
+        params -= k * f.params_per_channel
     return flops, params

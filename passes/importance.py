@@ -33,6 +33,10 @@ role-aware    (default, PARE)  I_h = φ_h · S_h / mean{ S_h' : h' in group(h) }
               with spatial; the factor then keeps motion-carrying temporal heads ahead of spatial
               heads of equal standing.
 
+FFN hidden channels (`channel_importance`, prune's ffn_ratio) are scored by the same magnitude
+and sensitivity formulas with a channel in place of a head: its up-projection rows (both halves
+of a gated unit), its down-projection column, and a mask on its input to the down projection.
+
 Sensitivity and role-aware run the model (calibration, refused on a meta graph); by default on
 `calibration.calibration_inputs(graph)`, the same inputs head-roles uses by default.
 """
@@ -232,30 +236,40 @@ def head_sensitivity(graph, names: list[str], inputs: list[dict], *, method: str
                      probes: int = 4, seed: int = 0,
                      offload: str | None = None) -> dict[str, torch.Tensor]:
     """S_h of the module docstring, per attention, on `inputs`."""
-    from tqdm.auto import tqdm
-
     from graphopt.passes.prune import mask_heads
 
     require_weights(graph, "head sensitivity")
     if not inputs:
         raise GraphoptError("head sensitivity got no calibration inputs")
-    weight = graph.param(graph.flows[names[0]].consumers[0][0].args[1].target)
     masked = mask_heads(graph, {n: torch.ones(graph.attentions[n].heads) for n in names})
+    # mask_heads names its mask buffers graphopt_head_mask_<i>, in the order of the dict it gets.
+    weight = graph.param(graph.flows[names[0]].consumers[0][0].args[1].target)
+    return dict(zip(names, _mask_sensitivity(graph, masked, weight, "graphopt_head_mask_",
+                                             len(names), inputs, method, probes, seed, offload,
+                                             "head")))
+
+
+def _mask_sensitivity(graph, masked, weight: torch.Tensor, prefix: str, count: int,
+                      inputs: list[dict], method: str, probes: int, seed: int,
+                      offload: str | None, what: str) -> list[torch.Tensor]:
+    """Relative output change per mask entry of `masked` (buffers prefix0 .. prefix<count-1>);
+    `weight` is a weight the masks multiply into, whose device and dtype they take."""
+    from tqdm.auto import tqdm
+
     masked.to(weight.device)
-    # mask_heads makes float32 masks; a half-precision model needs them in its own dtype.
+    # The masks are float32; a half-precision model needs them (and their padding) in its dtype.
     for name, buf in list(masked.named_buffers()):
-        if name.startswith("graphopt_head_mask_") and buf.dtype != weight.dtype:
+        if name.startswith(prefix) and buf.dtype != weight.dtype:
             masked.register_buffer(name, buf.to(weight.dtype))
     for p in masked.parameters():
         p.requires_grad_(False)
-    # mask_heads names its mask buffers graphopt_head_mask_<i>, in the order of the dict it gets.
-    masks = [masked.get_buffer(f"graphopt_head_mask_{i}") for i in range(len(names))]
+    masks = [masked.get_buffer(f"{prefix}{i}") for i in range(count)]
     change = [torch.zeros(len(m), dtype=torch.float64) for m in masks]
     total = 0.0
     run = (lambda x: masked(**x)) if offload is None else \
         (lambda x: BlockOffload(graph, offload).run(masked, x))
     generator = torch.Generator().manual_seed(seed)
-    for x in tqdm(inputs, desc=f"head sensitivity ({method})", unit="input", disable=None,
+    for x in tqdm(inputs, desc=f"{what} sensitivity ({method})", unit="input", disable=None,
                   leave=False):
         if method == "taylor":
             for m in masks:
@@ -280,7 +294,53 @@ def head_sensitivity(graph, names: list[str], inputs: list[dict], *, method: str
     if total == 0.0:
         raise GraphoptError("the model output is zero on every calibration input: sensitivity "
                             "is undefined; check the weights and the calibration inputs")
-    return {n: (acc / total).sqrt() for n, acc in zip(names, change)}
+    return [(acc / total).sqrt() for acc in change]
+
+
+def channel_importance(graph, criterion: str = "sensitivity", *, ffns=None,
+                       inputs: list[dict] | None = None, method: str = "taylor", probes: int = 4,
+                       seed: int = 0, offload: str | None = None) -> dict[str, torch.Tensor]:
+    """Importance of each hidden channel of `ffns` (default: every prunable FFN), higher = keep.
+
+    The head criteria with an FFN channel in place of a head (module docstring): magnitude is
+    sqrt(‖W_up[rows of c]‖² + ‖W_down[:, column of c]‖²), the rows of c being both halves of a
+    gated unit; sensitivity masks the channel's input to the down projection
+    (`prune.mask_channels`). Channels have no roles, so there is no role-aware variant.
+    """
+    from graphopt import ffnflow
+
+    if criterion not in ("magnitude", "sensitivity"):
+        raise GraphoptError(f"channel importance criterion '{criterion}' unknown; choose "
+                            f"magnitude or sensitivity")
+    _check("sensitivity", 1.0, method, probes)
+    flows = ffnflow.find(graph)
+    names = list(flows) if ffns is None else list(ffns)
+    unknown = sorted(set(names) - set(flows))
+    if unknown or not names:
+        raise GraphoptError(f"no prunable FFN {unknown[:3] if unknown else ''} to score; "
+                            f"prunable ones: {sorted(flows)[:4]}")
+    require_weights(graph, f"channel importance ({criterion})")
+    if criterion == "magnitude":
+        return {n: channel_magnitude(graph, flows[n]) for n in names}
+    from graphopt.passes.prune import mask_channels
+
+    inputs = calibration_inputs(graph) if inputs is None else inputs
+    if not inputs:
+        raise GraphoptError("channel sensitivity got no calibration inputs")
+    masked = mask_channels(graph, {n: torch.ones(flows[n].hidden) for n in names})
+    weight = graph.param(flows[names[0]].down.args[1].target)
+    return dict(zip(names, _mask_sensitivity(graph, masked, weight, "graphopt_channel_mask_",
+                                             len(names), inputs, method, probes, seed, offload,
+                                             "channel")))
+
+
+def channel_magnitude(graph, flow) -> torch.Tensor:
+    up = graph.param(flow.up.args[1].target).detach().double()
+    down = graph.param(flow.down.args[1].target).detach().double()
+    rows = up.pow(2).sum(1)
+    sq = sum(rows[o:o + flow.hidden] for o in flow.offsets)
+    sq = sq + down[:, flow.start:flow.start + flow.hidden].pow(2).sum(0)
+    return sq.sqrt().cpu()
 
 
 def _groups(roles: HeadRoles, scores: dict[str, torch.Tensor]) -> dict[str, list[str]]:

@@ -1,11 +1,18 @@
-"""prune: remove attention heads physically (PARE's width half).
+"""prune: remove attention heads and FFN hidden channels physically (PARE's width half).
 
 Guarantee: the pruned graph computes exactly what the original computes with the same heads
 masked (`mask_heads`): their contribution to every output projection zeroed, and any normalisation
-whose statistic spans heads (qk-norm "across heads") taken over the kept heads only. Pruning no
-head is the identity. Weights shrink (q/k/v rows, output-projection columns, head-spanning norm
-weights) and every reshape constant that carries the head count is rewritten, so FLOPs and
-parameters drop by exactly what `cost.attention_cost` says per head.
+whose statistic spans heads (qk-norm "across heads") taken over the kept heads only; and with the
+same FFN hidden channels masked (`mask_channels`): their input to the FFN's down projection zeroed.
+Pruning nothing is the identity. Weights shrink (q/k/v rows, output-projection columns,
+head-spanning norm weights; FFN up-projection rows, both halves of a gated unit, and
+down-projection columns) and every reshape or split constant that carries the head or channel
+count is rewritten, so FLOPs and parameters drop by exactly what `cost.attention_cost` says per
+head and `cost.ffn_cost` per channel.
+
+FFN channels are kept in multiples of `ffn_multiple` (PARE: 128, for the hardware). An FFN too
+narrow for it uses the largest power-of-two fraction of it at which the FFN holds at least 8
+multiples (e.g. 8 for a 96-wide tiny FFN), so a ratio stays representable to within 1/16.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from graphopt import headflow
+from graphopt import ffnflow, headflow
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, register, rel_error
 
@@ -34,6 +41,12 @@ class PruneOptions:
     # Kept heads per attention, given (e.g. ranked on a GPU elsewhere): no ranking is computed,
     # so this is how a meta-device graph (no weights) is pruned. The options above are then unused.
     heads: dict[str, list[int]] | None = None
+    ffn_ratio: float = 0.0             # fraction of FFN hidden channels removed (same sense as ratio)
+    ffn_multiple: int = 128            # channels kept per FFN in multiples of this (see docstring)
+    ffn_criterion: str | None = None   # "magnitude" or "sensitivity"; None: magnitude if criterion
+                                       # is, else sensitivity (channels have no roles)
+    # Kept channels per FFN, given (the FFN analogue of `heads`); ffn_ratio etc. are then unused.
+    channels: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
@@ -58,6 +71,22 @@ class PruneOptions:
                 raise GraphoptError("prune heads must map attention names to lists of kept head "
                                     "indices, e.g. {\"blocks.0.attn1\": [0, 2, 3]}")
             self.heads = {k: sorted(set(v)) for k, v in self.heads.items()}
+        if not 0.0 <= self.ffn_ratio < 1.0:
+            raise GraphoptError(f"prune ffn_ratio must be in [0, 1), got {self.ffn_ratio}")
+        if not isinstance(self.ffn_multiple, int) or self.ffn_multiple < 1:
+            raise GraphoptError(f"prune ffn_multiple must be an int >= 1, got {self.ffn_multiple!r}")
+        if self.ffn_criterion is None:
+            self.ffn_criterion = "magnitude" if self.criterion == "magnitude" else "sensitivity"
+        if self.ffn_criterion not in ("magnitude", "sensitivity"):
+            raise GraphoptError(f"prune ffn_criterion '{self.ffn_criterion}' unknown; choose "
+                                f"magnitude or sensitivity")
+        if self.channels is not None:
+            if not isinstance(self.channels, dict) or not all(
+                    isinstance(v, (list, tuple)) and all(isinstance(c, int) for c in v)
+                    for v in self.channels.values()):
+                raise GraphoptError("prune channels must map FFN names to lists of kept channel "
+                                    "indices, e.g. {\"blocks.0.ffn.net\": [0, 1, 5]}")
+            self.channels = {k: sorted(set(v)) for k, v in self.channels.items()}
 
 
 @register
@@ -66,6 +95,13 @@ class Prune(Pass):
     Options = PruneOptions
 
     def decide(self, graph) -> dict:
+        decisions = self._decide_heads(graph)
+        ffn = self._decide_channels(graph)
+        if ffn is not None:
+            decisions.update(ffn)
+        return decisions
+
+    def _decide_heads(self, graph) -> dict:
         from graphopt.passes.importance import HeadImportance, head_importance
 
         o = self.options
@@ -76,6 +112,8 @@ class Prune(Pass):
                                     f"cannot prune; prunable ones: {sorted(graph.flows)[:4]}, ...")
             return {"heads": dict(o.heads),
                     "original_heads": {n: graph.attentions[n].heads for n in o.heads}}
+        if o.ratio == 0.0 and (o.ffn_ratio > 0.0 or o.channels is not None):
+            return {"heads": {}, "original_heads": {}}     # FFN only: no head ranking to pay for
         if graph.is_meta:
             raise GraphoptError(
                 f"ranking heads by {o.criterion} needs weights, and this graph is on the meta "
@@ -93,6 +131,32 @@ class Prune(Pass):
         return {"heads": select_heads(candidates, scores, o.ratio, o.min_heads, o.per_layer),
                 "original_heads": {a.name: a.heads for a in candidates}}
 
+    def _decide_channels(self, graph) -> dict | None:
+        from graphopt.passes.importance import channel_importance
+
+        o = self.options
+        flows = ffnflow.find(graph)
+        if o.channels is not None:
+            unknown = sorted(set(o.channels) - set(flows))
+            if unknown:
+                raise GraphoptError(f"prune channels names FFN(s) {unknown[:3]} that this graph "
+                                    f"cannot prune; prunable ones: {sorted(flows)[:4]}, ...")
+            return {"ffn": dict(o.channels),
+                    "original_ffn": {n: flows[n].hidden for n in o.channels}}
+        if o.ffn_ratio == 0.0:
+            return None
+        if not flows:
+            raise GraphoptError("prune ffn_ratio > 0 but no prunable FFN was found in the blocks "
+                                "(up projection → elementwise/gated activation → down projection)")
+        if graph.is_meta:
+            raise GraphoptError(
+                f"ranking FFN channels by {o.ffn_criterion} needs weights, and this graph is on "
+                f"the meta device: give the kept channels (prune option channels={{ffn: [kept "
+                f"channel indices]}}), or replay a recipe computed where the weights are")
+        scores = channel_importance(graph, o.ffn_criterion, ffns=list(flows))
+        return {"ffn": select_channels(flows, scores, o.ffn_ratio, o.ffn_multiple, o.per_layer),
+                "original_ffn": {n: f.hidden for n, f in flows.items()}}
+
     def apply(self, graph, decisions: dict) -> None:
         for name, heads in decisions["original_heads"].items():
             found = graph.attentions.get(name)
@@ -101,14 +165,33 @@ class Prune(Pass):
                     f"recipe expects attention '{name}' with {heads} heads, the model has "
                     f"{'none' if found is None else found.heads}: the recipe was made for another "
                     f"architecture or config")
+        flows = ffnflow.find(graph)
+        for name, hidden in decisions.get("original_ffn", {}).items():
+            found = flows.get(name)
+            if found is None or found.hidden != hidden:
+                raise GraphoptError(
+                    f"recipe expects FFN '{name}' with {hidden} hidden channels, the model has "
+                    f"{'none' if found is None else found.hidden}: the recipe was made for another "
+                    f"architecture or config")
         prune_heads(graph, {k: list(v) for k, v in decisions["heads"].items()})
+        prune_channels(graph, {k: list(v) for k, v in decisions.get("ffn", {}).items()})
 
     def weight_slices(self, graph, decisions: dict) -> list[tuple[str, int, torch.Tensor]]:
-        return weight_slices(graph, {k: list(v) for k, v in decisions["heads"].items()})
+        # Both lists index the same unpruned tensors; a tensor in both (a fused out-projection
+        # over cat([attention, mlp])) keeps the columns both keep.
+        merged: dict[tuple[str, int], torch.Tensor] = {}
+        for name, dim, idx in (
+                weight_slices(graph, {k: list(v) for k, v in decisions["heads"].items()})
+                + channel_slices(graph, {k: list(v) for k, v in decisions.get("ffn", {}).items()})):
+            prev = merged.get((name, dim))
+            merged[(name, dim)] = idx if prev is None else prev[torch.isin(prev, idx)]
+        return [(name, dim, idx) for (name, dim), idx in merged.items()]
 
     def summarize(self, graph, decisions) -> dict:
         return {"heads_removed": sum(decisions["original_heads"][n] - len(k)
-                                     for n, k in decisions["heads"].items())}
+                                     for n, k in decisions["heads"].items()),
+                "ffn_channels_removed": sum(decisions["original_ffn"][n] - len(k)
+                                            for n, k in decisions.get("ffn", {}).items())}
 
     def describe(self, decisions: dict) -> list[str]:
         lines = []
@@ -118,12 +201,21 @@ class Prune(Pass):
             if removed:
                 lines.append(f"- `{name}`: removed heads {', '.join(map(str, removed))} "
                              f"({len(kept)} of {n} kept)")
-        return lines or ["- no head removed"]
+        for name, kept in decisions.get("ffn", {}).items():
+            n = decisions["original_ffn"][name]
+            if len(kept) < n:
+                lines.append(f"- `{name}`: {len(kept)} of {n} FFN hidden channels kept")
+        return lines or ["- nothing removed"]
 
     def ensures(self, before, after, inputs) -> float:
-        kept = after.recipe.steps[-1]["decisions"]["heads"]
+        decisions = after.recipe.steps[-1]["decisions"]
         reference = mask_heads(before, {n: _mask_from_kept(before.attentions[n].heads, k)
-                                        for n, k in kept.items()})
+                                        for n, k in decisions["heads"].items()})
+        ffn = decisions.get("ffn", {})
+        if ffn:
+            flows = ffnflow.find(before)
+            reference = mask_channels(before, {n: _mask_from_kept(flows[n].hidden, k)
+                                               for n, k in ffn.items()}, gm=reference)
         return rel_error(after.gm(**inputs)[0], reference(**inputs)[0])
 
 
@@ -148,6 +240,83 @@ def select_heads(candidates, scores: dict[str, torch.Tensor], ratio: float, min_
                 kept[name].discard(h)
                 n_remove -= 1
     return {name: sorted(k) for name, k in kept.items()}
+
+
+def effective_multiple(hidden: int, multiple: int) -> int:
+    """`multiple`, halved until an FFN of `hidden` channels holds at least 8 of it (module doc)."""
+    while multiple > 1 and hidden < 8 * multiple:
+        multiple //= 2
+    return multiple
+
+
+def select_channels(flows: dict[str, ffnflow.ChannelFlow], scores: dict[str, torch.Tensor],
+                    ratio: float, multiple: int, per_layer: bool) -> dict[str, list[int]]:
+    """Kept channels per FFN: how many from the ratio (one global ranking unless per_layer),
+    rounded to the FFN's multiple; which ones by score within the FFN, ties broken by index."""
+    if per_layer:
+        removed = {n: int(round(ratio * f.hidden)) for n, f in flows.items()}
+    else:
+        ranked = sorted((float(scores[n][c]), i, c) for i, n in enumerate(flows)
+                        for c in range(flows[n].hidden))
+        names = list(flows)
+        removed = dict.fromkeys(flows, 0)
+        for _, i, _ in ranked[:int(round(ratio * sum(f.hidden for f in flows.values())))]:
+            removed[names[i]] += 1
+    kept = {}
+    for name, f in flows.items():
+        n_keep = f.hidden
+        if removed[name]:
+            m = effective_multiple(f.hidden, multiple)
+            n_keep = min(max(m, int(round((f.hidden - removed[name]) / m)) * m), f.hidden)
+        order = sorted(range(f.hidden), key=lambda c: (-float(scores[name][c]), c))
+        kept[name] = sorted(order[:n_keep])
+    return kept
+
+
+def prune_channels(graph, kept: dict[str, list[int]]) -> None:
+    """Physically keep only `kept[ffn]` hidden channels; rewrite weights and split sizes."""
+    changed = _changed_ffns(graph, kept)
+    for flow, channels in changed:
+        for target, dim, idx in _ffn_slices(flow, channels):
+            value = graph.param(target)
+            graph.set_param(target, value.index_select(dim, idx.to(value.device)).contiguous())
+        for split, pieces in flow.splits:
+            sizes = [flow.piece_size(p, channels) for p in pieces]
+            split.update_arg(1, sizes if split.target is aten.split_with_sizes.default
+                             else sizes[0])
+    if changed:
+        graph.refresh()
+
+
+def channel_slices(graph, kept: dict[str, list[int]]) -> list[tuple[str, int, torch.Tensor]]:
+    """Every stored weight `prune_channels(graph, kept)` shrinks: (path, dim, indices kept)."""
+    return [s for flow, ch in _changed_ffns(graph, kept) for s in _ffn_slices(flow, ch)]
+
+
+def _changed_ffns(graph, kept: dict[str, list[int]]) -> list[tuple[ffnflow.ChannelFlow, list[int]]]:
+    flows = ffnflow.find(graph) if kept else {}
+    out = []
+    for name, channels in kept.items():
+        if name not in flows:
+            raise GraphoptError(f"FFN '{name}' is not prunable in this graph; prunable ones: "
+                                f"{sorted(flows)[:4]}")
+        flow = flows[name]
+        channels = sorted(set(channels))
+        if not channels or channels[0] < 0 or channels[-1] >= flow.hidden:
+            raise GraphoptError(f"FFN '{name}' has {flow.hidden} hidden channels; cannot keep "
+                                f"{len(channels)} of them up to index {channels[-1] if channels else None}")
+        if len(channels) < flow.hidden:
+            out.append((flow, channels))
+    return out
+
+
+def _ffn_slices(flow: ffnflow.ChannelFlow, channels: list[int]) -> list[tuple[str, int, torch.Tensor]]:
+    rows = flow.up_rows(channels)
+    out = [(_stored(flow.up.args[1]), 0, rows)]
+    if len(flow.up.args) > 2 and isinstance(flow.up.args[2], fx.Node):
+        out.append((_stored(flow.up.args[2]), 0, rows))
+    out.append((_stored(flow.down.args[1]), 1, flow.down_columns(channels)))
+    return out
 
 
 def _mask_from_kept(heads: int, kept: list[int]) -> torch.Tensor:
@@ -316,3 +485,45 @@ def _masked_rms_norm(g: fx.Graph, norm: fx.Node, vec: fx.Node) -> fx.Node:
     inv = g.call_function(aten.rsqrt.default, (g.call_function(aten.add.Tensor, (mean, eps)),))
     y = g.call_function(aten.mul.Tensor, (x, inv))
     return g.call_function(aten.mul.Tensor, (y, weight)) if weight is not None else y
+
+
+def mask_channels(graph, masks: dict[str, torch.Tensor], gm: fx.GraphModule | None = None
+                  ) -> fx.GraphModule:
+    """A copy of `gm` (default: the graph's module) where hidden channel c of FFN f is scaled by
+    masks[f][c]: the mask multiplies the channel's input to the down projection.
+
+    With a 0/1 mask this is the reference that `prune` must equal; with a trainable all-ones mask
+    its gradient is the first-order channel importance. Mask buffers are named
+    graphopt_channel_mask_<i>, in the order of `masks`. `gm` must contain the graph's nodes under
+    their names (a `mask_heads` result does).
+    """
+    import copy
+
+    flows = ffnflow.find(graph)
+    gm = copy.deepcopy(graph.gm if gm is None else gm)
+    names = {n.name: n for n in gm.graph.nodes}
+    g = gm.graph
+    for i, (name, mask) in enumerate(masks.items()):
+        if name not in flows:
+            raise GraphoptError(f"FFN '{name}' is not prunable in this graph; prunable ones: "
+                                f"{sorted(flows)[:4]}")
+        flow = flows[name]
+        buf = f"graphopt_channel_mask_{i}"
+        gm.register_buffer(buf, mask.detach().clone().float())
+        down = names[flow.down.name]
+        cols = ffnflow._shape(flow.down.args[1])[1]
+        with g.inserting_before(down):
+            vec = g.get_attr(buf)
+            if cols != flow.hidden:       # other features share the down projection: scale 1
+                parts = []
+                for j, size in ((0, flow.start), (1, cols - flow.start - flow.hidden)):
+                    if size:
+                        gm.register_buffer(f"{buf}_ones{j}", torch.ones(size))
+                        parts.append((j, g.get_attr(f"{buf}_ones{j}")))
+                before = [p for j, p in parts if j == 0]
+                after = [p for j, p in parts if j == 1]
+                vec = g.call_function(aten.cat.default, (before + [vec] + after,))
+            down.update_arg(0, g.call_function(aten.mul.Tensor, (down.args[0], vec)))
+    g.lint()
+    gm.recompile()
+    return gm
