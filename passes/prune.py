@@ -390,7 +390,9 @@ def _prune_one(graph, flow: headflow.HeadFlow, heads: list[int]):
         norm.update_arg(1, [headflow.new_size(_norm_dim(flow, norm, first), k)])
     for j, (user, operand, dim, label) in enumerate(flow.sliced_operands):
         buf = f"graphopt_kept_{flow.attention.replace('.', '_')}_{j}"
-        graph.gm.register_buffer(buf, headflow.kept_indices(label, heads))
+        val = operand.meta.get("val")          # on the operand's device (meta for a meta graph)
+        graph.gm.register_buffer(buf, headflow.kept_indices(label, heads).to(
+            val.device if isinstance(val, torch.Tensor) else "cpu"))
         with graph.gm.graph.inserting_before(user):
             idx = graph.gm.graph.get_attr(buf)
             picked = graph.gm.graph.call_function(aten.index_select.default, (operand, dim, idx))
