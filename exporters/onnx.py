@@ -297,23 +297,9 @@ def _bool_where_to_uint8(model) -> int:
     import onnx
     from onnx import TensorProto, helper
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types: dict[str, int] = {}
+    from graphopt.exporters.trt_check import elem_types
 
-    def collect(graph):
-        for v in [*graph.input, *graph.output, *graph.value_info]:
-            types[v.name] = v.type.tensor_type.elem_type
-        for init in graph.initializer:
-            types[init.name] = init.data_type
-        for node in graph.node:
-            if node.op_type == "Constant":
-                types.update({o: a.t.data_type for o in node.output for a in node.attribute
-                              if a.name == "value"})
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    collect(a.g)
-
-    collect(inferred.graph)
+    types = elem_types(model)
     count = 0
 
     def rewrite(graph):

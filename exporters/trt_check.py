@@ -415,18 +415,9 @@ def restore_bool_where(model: Any) -> int:
     kernel has none, so graphopt.exporters.onnx computes it on uint8 between Casts, but TensorRT takes
     uint8 only as network I/O and has a bool Where. Matches Where(c, Cast(x, UINT8), Cast(y, UINT8))
     read only by a Cast to BOOL, with x and y bool, and makes it Where(c, x, y). Returns how many."""
-    import onnx
     from onnx import TensorProto, helper
 
-    types: dict[str, int] = {}
-    for graph in all_graphs(onnx.shape_inference.infer_shapes(model).graph):
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            types[value.name] = value.type.tensor_type.elem_type
-        for init in graph.initializer:
-            types[init.name] = init.data_type
-        for node in graph.node:
-            if node.op_type == "Constant":
-                types.update({o: a.t.data_type for o in node.output for a in node.attribute if a.name == "value"})
+    types = elem_types(model)
     graphs = list(all_graphs(model.graph))
     readers: dict[str, list[Any]] = defaultdict(list)
     for graph in graphs:
@@ -466,6 +457,23 @@ def restore_bool_where(model: Any) -> int:
 
 def _casts_to(node: Any, elem_type: int) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type for a in node.attribute)
+
+
+def elem_types(model: Any) -> dict[str, int]:
+    """The ONNX element type of every value of `model` and its subgraphs, after shape inference
+    (inputs, outputs, intermediate values, initializers, Constant outputs)."""
+    import onnx
+
+    types: dict[str, int] = {}
+    for graph in all_graphs(onnx.shape_inference.infer_shapes(model).graph):
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            types[value.name] = value.type.tensor_type.elem_type
+        for init in graph.initializer:
+            types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant":
+                types.update({o: a.t.data_type for o in node.output for a in node.attribute if a.name == "value"})
+    return types
 
 
 def all_graphs(graph: Any) -> Iterator[Any]:
