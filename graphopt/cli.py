@@ -345,25 +345,31 @@ def _add_data_parser(verb) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output folder; rerun the same command to resume an interrupted run")
     _add_overwrite_arg(p)
-    p.add_argument("--sample-steps", type=int, metavar="N",
-                   help="latents: the teacher's own samples, N denoising steps (their "
-                        "trajectories are kept too)")
+    p.add_argument("--sample-steps", type=_positive_int, metavar="N",
+                   help="latents: the teacher's own samples, N >= 1 denoising steps (their "
+                        "trajectories are kept too); give this or --videos (default neither: an "
+                        "error)")
     p.add_argument("--videos", metavar="DIR",
                    help="latents: VAE latents of real clips, one *.safetensors `video` tensor "
-                        "(frames, 3, H, W) per prompt, paired in name order")
+                        "(frames, 3, H, W) per prompt, paired in name order (default none)")
     p.add_argument("--negative-prompt", default="", help="the CFG pass's prompt (default empty)")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the samples")
-    p.add_argument("--num-frames", type=int, default=81, help="pixel frames of a sample")
-    p.add_argument("--height", type=int, default=480, help="pixel height of a sample")
-    p.add_argument("--width", type=int, default=832, help="pixel width of a sample")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="text tokens")
-    p.add_argument("--seed", type=int, default=0, help="item i's noise is seeded by SEED + i")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="CFG scale of the samples (default 5.0)")
+    p.add_argument("--num-frames", type=_positive_int, default=81,
+                   help="pixel frames of a sample, >= 1 (default 81)")
+    p.add_argument("--height", type=_positive_int, default=480,
+                   help="pixel height of a sample, >= 1 (default 480)")
+    p.add_argument("--width", type=_positive_int, default=832,
+                   help="pixel width of a sample, >= 1 (default 832)")
+    p.add_argument("--max-sequence-length", type=_positive_int, default=512,
+                   help="text tokens, >= 1 (default 512)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="item i's noise is seeded by SEED + i (default 0)")
     p.add_argument("--dtype", default="float32",
                    choices=("float32", "bf16", "bfloat16", "fp16", "float16"),
-                   help="dtype of the stored tensors (and of the text encoder and transformer)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a pipeline whose weights are pickles (can run code when loaded)")
+                   help="dtype of the stored tensors (and of the text encoder and transformer; "
+                        "default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
     p.set_defaults(func=cmd_data)
 
 

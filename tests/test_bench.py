@@ -63,7 +63,7 @@ def test_bench_bad_input(teacher_folder, tmp_path, capsys):
     for argv, message in (
         (["bench", str(tmp_path / "nowhere")], "has no recipe.json"),
         (["bench", str(teacher_folder), "--backends", "torch,tensorrt"], "unknown backend"),
-        (["bench", str(teacher_folder), "--steps", "0"], "steps >= 1"),
+        (["bench", str(teacher_folder), "--steps", "0"], "--steps: must be >= 1"),
         (["bench", str(teacher_folder), "--original", "tiny:wan"], "configs differ"),
     ):
         assert main(argv) == 2
