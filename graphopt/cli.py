@@ -370,6 +370,8 @@ def _add_data_parser(verb) -> None:
                    help="dtype of the stored tensors (and of the text encoder and transformer; "
                         "default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pipeline whose weights are pickles (can run code when loaded)")
     p.set_defaults(func=cmd_data)
 
 
