@@ -168,11 +168,12 @@ def executed_flops(graph, work: Workload) -> tuple[list[int], list[dict]]:
 
 
 def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, repeats: int = 5,
-          warmup: int = 1, explicit: bool = False, workdir=None) -> dict:
+          warmup: int = 1, explicit: bool = False, workdir=None, onnx_models=None) -> dict:
     """Measure (see the module docstring); returns the JSON-able result `render` prints.
 
     A backend in `backends` that cannot run here is skipped with the reason, unless `explicit`
-    (the user named it), in which case that is an error.
+    (the user named it), in which case that is an error. `onnx_models`: {"original" or
+    "compressed": a loaded single-file ONNX model of that graph} the caller already exported.
     """
     from tqdm.auto import tqdm
 
@@ -188,7 +189,9 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
         for backend in tqdm(backends, desc="loading backends", leave=False):
             try:
                 for role, graph in (("original", original), ("compressed", compressed)):
-                    models[backend, role] = _load(backend, graph, Path(tmp) / f"{backend}-{role}")
+                    given = (onnx_models or {}).get(role) if backend == "onnxruntime" else None
+                    models[backend, role] = given if given is not None else \
+                        _load(backend, graph, Path(tmp) / f"{backend}-{role}")
             except _Unavailable as e:
                 if explicit:
                     raise GraphoptError(f"backend '{backend}' cannot run: {e}") from None

@@ -154,7 +154,7 @@ def _write_report(out: Path, settings: DemoSettings, quick: bool, console, total
 
     t = time.perf_counter()
     timing = bench(teacher, student, backends=settings.bench_backends, steps=4,
-                   repeats=settings.bench_repeats, warmup=1)
+                   repeats=settings.bench_repeats, warmup=1, onnx_models={"compressed": onnx_model})
     plot(timing, out / "bench.png")
     atomic_write_text(out / "bench.json", json.dumps(timing, indent=2))
     speedups = {r["backend"]: r["speedup"] for r in timing["backends"]}
