@@ -15,9 +15,9 @@ Row groups (--rows, default all), one builder each in ROW_BUILDERS:
 - drop ("graphopt static"): VDMini's hierarchical policy, whole shallow blocks removed;
 - route ("graphopt dynamic"): PARE's router over every block, budget = the target;
 - reuse ("graphopt dynamic"): residual reuse in the graph, no weight training: the cache pass
-  (FirstBlockCache compiled into the graph) and a learned reuse schedule (route skip=reuse; which
-  block half recomputes at which step, searched on unrolled runs of 4 calibration conditions) at
-  each --reuse-targets executed fraction;
+  (FirstBlockCache, and MagCache with the caches' calibrated ratios, compiled into the graph) and a
+  learned reuse schedule (route skip=reuse; which block half recomputes at which step, searched on
+  unrolled runs of 4 calibration conditions) at each --reuse-targets executed fraction;
 - and each prune/drop/route row after --distill-steps of distillation (graphopt.distill: output +
   ICD losses, and the router budget loss for the routed row) on the generator's clips.
 
@@ -237,19 +237,20 @@ def route_rows(bed: Testbed) -> list[Row]:
 
 
 def reuse_rows(bed: Testbed) -> list[Row]:
-    """graphopt's reuse in the graph: the cache pass (FirstBlockCache compiled in: the same clips as
-    diffusers' hook), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
+    """graphopt's reuse in the graph: the cache pass (FirstBlockCache and MagCache compiled in: the
+    same clips as diffusers' hooks), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
     schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
     --reuse-targets executed fraction; no training of the weights."""
     from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
     from graphopt.tiny import embed_tokens
 
     rows = []
-    for t in (0.3, 0.5):
+    caches = [("first-block", t, {}) for t in (0.3, 0.5)]
+    caches += [("mag", t, {"num_inference_steps": bed.args.steps, "mag_ratios": bed.mag_ratios}) for t in (0.4, 0.6)]
+    for method, t, extra in caches:
         graph = bed.teacher.copy()
-        compress(graph, ["cache"], {"cache": {"method": "first-block", "threshold": t}})
-        rows.append(Row(f"graphopt cache first-block {t:g}", "reuse", "graphopt dynamic", graph,
-                        timed=False))
+        compress(graph, ["cache"], {"cache": {"method": method, "threshold": t, **extra}})
+        rows.append(Row(f"graphopt cache {method} {t:g}", "reuse", "graphopt dynamic", graph, timed=False))
     targets = [float(t) for t in bed.args.reuse_targets.split(",") if t]
     if not targets:
         return rows
