@@ -39,7 +39,7 @@ from torch import fx
 from graphopt import reuse
 from graphopt.dropin import FacadeModel, fixed_inputs, input_specs, spec_of
 from graphopt.errors import GraphoptError
-from graphopt.exporters.manifest import TensorSpec
+from graphopt.exporters.specs import TensorSpec
 from graphopt.io import scratch_dir
 
 META = "graphopt"    # metadata keys: graphopt.config, .inputs, .fixed, .blocks, .router

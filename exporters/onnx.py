@@ -32,7 +32,6 @@ layout (`SegmentedModel` or `SingleFileModel`), recording per call the blocks th
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -144,8 +143,6 @@ def _latent_name(graph) -> str:
 
 def _recapture_dynamic(graph):
     """Re-capture `graph`'s architecture with a symbolic batch, replay its recipe, copy its weights."""
-    from graphopt import families
-    from graphopt.capture import capture
     from graphopt.serialize import state_dict
 
     if graph.family is None or not graph.recipe.model.get("config"):
@@ -153,15 +150,11 @@ def _recapture_dynamic(graph):
             f"cannot make the batch of '{graph.source}' dynamic: it was not captured from a known model "
             "family (e.g. a .pt2 archive). Capture it with graphopt.capture(..., dynamic_batch=True) at a "
             "batch of 2, or export with dynamic=False")
-    spec = graph.spec or families.spec_from_recipe(graph.recipe.model)
-    # float32 whatever the graph's dtype (rebuilt from its config, the model is): ONNX's Conv has no
-    # bfloat16 before opset 22, onnxruntime's CPU kernels none at all. Upcasting is exact; TensorRT
-    # picks its precision when it builds.
-    spec = dataclasses.replace(spec, batch=_EXPORT_BATCH, dtype=torch.float32)
+    # float32 whatever the graph's dtype (rebuilt from its config without dtypes, the model is): ONNX's
+    # Conv has no bfloat16 before opset 22, onnxruntime's CPU kernels none at all. Upcasting is exact;
+    # TensorRT picks its precision when it builds.
     device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))
-    model = families.build_from_recipe(graph.recipe.model, device="meta").to_empty(device=device)
-    new = capture(model, spec=spec, dynamic_batch=True)
-    graph.recipe.replay(new)
+    new = graph.recipe.rebuild(device, batch=_EXPORT_BATCH, dynamic_batch=True)
     weights = state_dict(graph)
     expected = state_dict(new)
     if set(weights) != set(expected):
@@ -174,7 +167,7 @@ def _recapture_dynamic(graph):
         import copy
 
         new.gm.router = copy.deepcopy(graph.gm.router).float()    # budget, mode and weights as trained
-    new.example_inputs = graph.family.example_inputs(graph.recipe.model["config"], spec)
+    new.example_inputs = graph.family.example_inputs(graph.recipe.model["config"], new.spec)
     new.refresh()
     return new
 

@@ -36,7 +36,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
 from graphopt.records import RecentRecords
-from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, check_call_inputs, next_name
+from graphopt.exporters.manifest import SegmentedManifest, next_name
+from graphopt.exporters.specs import Segment, TensorSpec, check_call_inputs
 
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,

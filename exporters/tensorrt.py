@@ -34,8 +34,9 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_write_bytes
-from graphopt.exporters.manifest import MODEL_KIND, DimRange, Segment, SegmentedManifest, TensorSpec, compare_io
+from graphopt.exporters.manifest import DimRange, SegmentedManifest
 from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, run_all_segments
+from graphopt.exporters.specs import MODEL_KIND, Segment, TensorSpec, compare_io
 from graphopt.exporters.trt_check import all_graphs, restore_bool_where
 
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -246,8 +246,7 @@ class Plan:
 
 def plan(recipe, weights) -> Plan:
     """What `apply_recipe` will write, decided on the meta device; nothing is read but headers."""
-    from graphopt import families
-    from graphopt.capture import _read_config, capture
+    from graphopt.capture import _read_config
     from graphopt.pass_manager import get_pass
     from graphopt.recipe import Recipe
 
@@ -260,10 +259,9 @@ def plan(recipe, weights) -> Plan:
     _check_same_architecture(recipe.model, source_config, weights)
     stored = checkpoint_tensors(weights)
 
-    spec = families.spec_from_recipe(recipe.model, "meta")
-    model = families.build_from_recipe(recipe.model, "meta")
-    persistent = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    graph = capture(model, spec=spec)
+    graph = recipe.rebuild("meta", replay=False)     # replayed below, step by step, for the slices
+    # What a checkpoint of the architecture holds (a capture's state_dict is its model's).
+    persistent = {k: tuple(v.shape) for k, v in graph.gm.state_dict().items()}
     original = {k: (tuple(v.shape), v.dtype) for k, v in _tensors(graph).items()}
     extra = _check_checkpoint(stored, persistent, weights)
     fingerprinted = stored

@@ -79,7 +79,7 @@ def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool 
 
     compressed = load(folder, device=device)
     record = compressed.recipe.model
-    spec = families.spec_from_recipe(record, device)
+    dtypes = {k: v.dtype for k, v in state_dict(compressed).items()}
     source = original if original is not None else record.get("source")
     if original is not None or (source in shipped_names() or Path(str(source)).exists()):
         model = load_model(source, trust_pickle=trust_pickle)
@@ -87,12 +87,12 @@ def load_pair(folder, original=None, *, device: str = "cpu", trust_pickle: bool 
             raise GraphoptError(f"the original '{source}' is an exported program; bench needs the "
                                 f"model (a diffusers folder or a shipped name) to capture it at "
                                 f"the compressed model's input shape")
+        cast_like_checkpoint(model, dtypes)
+        base = capture(model.to(device), spec=families.spec_from_recipe(record, device), trust_pickle=trust_pickle)
         origin = str(source)
     else:
-        model = families.build_from_recipe(record)
+        base = compressed.recipe.rebuild(device, dtypes=dtypes, seeded=True, replay=False)
         origin = f"{record.get('class_name')} from the recipe's config (seeded random weights)"
-    cast_like_checkpoint(model, {k: v.dtype for k, v in state_dict(compressed).items()})
-    base = capture(model.to(device), spec=spec, trust_pickle=trust_pickle)
     if base.recipe.model.get("config") != record.get("config"):
         raise GraphoptError(f"the original '{origin}' is not the model '{folder}' was compressed "
                             f"from (their configs differ): pass the right one with --original")

@@ -21,7 +21,7 @@ def capture(source, example_inputs: dict | None = None, *, spec=None, trust_pick
             dynamic_batch: bool = False) -> DiTGraph:
     """Capture `source` as a DiTGraph.
 
-    `spec` (families.InputSpec) picks the latent shape used to synthesize example inputs when
+    `spec` (graphopt.layout.InputSpec) picks the latent shape used to synthesize example inputs when
     `example_inputs` is not given. `dynamic_batch` keeps the batch dimension symbolic.
     """
     if isinstance(source, torch.export.ExportedProgram):

@@ -26,7 +26,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
-from graphopt.exporters.manifest import TensorSpec
+from graphopt.exporters.specs import TensorSpec
 from graphopt.exporters.runtime import TORCH_DTYPES, StepRecord, TransformerFacade, model_feeds
 from graphopt.records import RecentRecords
 

@@ -345,9 +345,9 @@ def _root_class(ep) -> str | None:
 def _candidate_configs(family, class_name: str, shapes: dict):
     """The family's tiny config and its published ones for `class_name`, each with its block
     counts set to those the weights have (blocks.<i>. names)."""
-    from graphopt import families
+    from graphopt.family_configs import PUBLISHED
 
-    bases = [dict(family.tiny_config)] + [dict(c) for c, _ in families.PUBLISHED.values()]
+    bases = [dict(family.tiny_config)] + [dict(c) for c, _ in PUBLISHED.values()]
     counts = {}
     for name in shapes:
         parts = name.split(".")
@@ -376,7 +376,7 @@ def _weight_shapes(family, config) -> dict:
 def _find_spec(family, config, inputs: dict):
     """The InputSpec whose example inputs (built on the meta device) have the shapes and values
     of `inputs`, or None."""
-    from graphopt.families import InputSpec
+    from graphopt.layout import InputSpec
 
     latent = inputs.get(family.latent_input)
     if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
@@ -86,6 +86,33 @@ class Recipe:
                                         f"{_kind(step.get(key))}")
             check_options(get_pass(step["pass"]), step["options"], f"{where} ({step['pass']})")
         return cls(model=model, steps=steps)
+
+    def rebuild(self, device="cpu", *, batch: int | None = None, dtypes: dict | None = None,
+                seeded: bool = False, dynamic_batch: bool = False, replay: bool = True):
+        """A fresh capture of the architecture `model` records, at its input spec on `device`,
+        with every step replayed (`replay=False`: the capture before the first step).
+
+        Without `seeded` the weights are uninitialised storage (built on the meta device), for
+        the caller to overwrite; `seeded` draws them from the families' fixed seed, a model to
+        run as it is. `dtypes` (tensor name -> dtype, see serialize.cast_like_checkpoint) gives
+        each tensor its dtype before the capture bakes dtypes in; without it all is float32.
+        `batch` replaces the recorded batch size."""
+        import torch
+
+        from graphopt import families
+        from graphopt.capture import capture
+        from graphopt.serialize import cast_like_checkpoint
+
+        spec = families.spec_from_recipe(self.model, device)
+        if batch is not None:
+            spec = replace(spec, batch=batch)
+        model = families.build_from_recipe(self.model, device if seeded else "meta")
+        if dtypes is not None:
+            cast_like_checkpoint(model, dtypes)
+        if not seeded and torch.device(device).type != "meta":
+            model = model.to_empty(device=device)
+        graph = capture(model, spec=spec, dynamic_batch=dynamic_batch)
+        return self.replay(graph) if replay else graph
 
     def replay(self, graph):
         """Apply every step to `graph` (a fresh capture of the recipe's architecture)."""

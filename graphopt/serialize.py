@@ -55,8 +55,6 @@ def save(graph, out, extra_files: dict[str, str | Callable[[Path], None]] | None
 def load(folder, *, device: str = "cpu"):
     """Rebuild the compressed DiTGraph saved by `save` (or written by `graphopt compress` or, in
     graphopt's layout, by `graphopt apply`)."""
-    from graphopt import families
-    from graphopt.capture import capture
     from graphopt.recipe import Recipe
 
     folder = Path(folder)
@@ -66,18 +64,13 @@ def load(folder, *, device: str = "cpu"):
                             f"point at a folder written by `graphopt compress`, graphopt.save "
                             f"or `graphopt apply`")
     recipe = Recipe.load(folder / RECIPE)
-    spec = families.spec_from_recipe(recipe.model, device)
     weights, made_by_recipe = _read_weights(folder, device)
     # Uninitialised storage on the target device: every tensor is overwritten from the file, and
     # a meta capture would bake the meta device into the graph. The capture also bakes in dtypes:
     # each tensor gets the one it is stored in (a bf16 checkpoint stays bf16) before it.
-    model = families.build_from_recipe(recipe.model, device="meta")
-    cast_like_checkpoint(model, {k: v.dtype for k, v in weights.items()})
-    graph = capture(model.to_empty(device=device), spec=spec)
+    graph = recipe.rebuild(device, dtypes={k: v.dtype for k, v in weights.items()})
     # Still the model the recipe was made from (`graphopt distill` finds its teacher there).
-    source = _source_next_to(folder, recipe.model.get("source", graph.source))
-    graph.source = graph.recipe.model["source"] = source
-    recipe.replay(graph)
+    graph.source = graph.recipe.model["source"] = _source_next_to(folder, recipe.model.get("source", graph.source))
     expected = state_dict(graph)
     missing = set(expected) - set(weights) - made_by_recipe
     unexpected = set(weights) - set(expected)

@@ -291,7 +291,7 @@ def role_of(score: float, margin: float) -> str:
 
 def video_layouts(graph, names=None) -> dict:
     """(query layout, key layout) of each attention whose query and keys both hold video tokens."""
-    from graphopt.families import SequenceLayout
+    from graphopt.layout import SequenceLayout
 
     if names is not None:
         unknown = sorted(set(names) - set(graph.attentions))

@@ -205,10 +205,7 @@ def _baseline_rss(tmp) -> int:
     """Peak RSS of a child that imports what `graphopt apply` imports and captures the same
     architecture on the meta device: the part of apply's memory that is not streaming."""
     code = (_PEAK_AT_EXIT + "from graphopt.apply import plan; from graphopt.recipe import Recipe;"
-            "from graphopt import families, capture;"
-            "r = Recipe.load(sys.argv[1]);"
-            "capture(families.build_from_recipe(r.model, 'meta'),"
-            " spec=families.spec_from_recipe(r.model, 'meta'))")
+            "Recipe.load(sys.argv[1]).rebuild('meta', replay=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp / "recipe.json")],
                           stderr=subprocess.PIPE, check=True)
     return _peak_from(proc.stderr.decode())

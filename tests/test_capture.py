@@ -85,6 +85,16 @@ def test_meta_capture_has_no_weights():
     assert g.is_meta and len(g.blocks) == 2
 
 
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_meta_capture_state_dict_is_the_models(family):
+    """`graphopt apply` reads what a checkpoint of the architecture holds (the persistent tensors)
+    from the state_dict of a meta capture (Recipe.rebuild)."""
+    model = build_model(family, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    graph = capture(model)
+    assert {k: tuple(v.shape) for k, v in graph.gm.state_dict().items()} == expected
+
+
 def test_export_archive_round_trip(tmp_path):
     model = build_model("wan")
     g = capture(model)

@@ -116,7 +116,7 @@ def test_samples_folder_layout_and_manifest(samples, pipeline_dir):
 def test_compress_calibrates_on_the_folder(samples, pipeline_dir, tmp_path, capsys):
     from graphopt.calibration import calibration_inputs
     from graphopt.capture import capture, load_model
-    from graphopt.families import InputSpec
+    from graphopt.layout import InputSpec
 
     # The folder's items, at each timestep, as batch rows of their own (text and negative text).
     graph = capture(load_model(pipeline_dir / "transformer"),

@@ -6,7 +6,8 @@ import torch
 
 from graphopt import GraphoptError, capture
 from graphopt.calibration import calibration_inputs, calibration_timesteps
-from graphopt.families import InputSpec, build_model
+from graphopt.families import build_model
+from graphopt.layout import InputSpec
 from graphopt.graph import DiTGraph
 from graphopt.passes.head_roles import HeadRoles, HeadRolesOptions, head_roles
 

@@ -502,7 +502,8 @@ def test_onnx_external_data_outside_the_folder_is_refused(segmented, tmp_path):
 # ---- calls of a loaded ONNX model ------------------------------------------------------------------
 
 def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(segmented):
-    from graphopt.exporters.manifest import SegmentedManifest, check_call_inputs
+    from graphopt.exporters.manifest import SegmentedManifest
+    from graphopt.exporters.specs import check_call_inputs
 
     manifest = SegmentedManifest.load(segmented / "segmented")
     specs = {s.name: s for s in manifest.inputs}
@@ -522,7 +523,7 @@ def test_calls_with_an_empty_batch_or_a_non_tensor_timestep_are_refused(segmente
 def test_malformed_onnx_metadata_is_refused_by_name(segmented, tmp_path):
     import onnx
 
-    from graphopt.exporters.manifest import onnx_metadata
+    from graphopt.exporters.specs import onnx_metadata
 
     path = _copy(segmented, "segmented", tmp_path) / "prologue.onnx"
     model = onnx.load(str(path))

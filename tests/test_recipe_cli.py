@@ -36,6 +36,27 @@ def test_replay_gives_the_same_graph_and_load_round_trips(tmp_path):
         assert rel_error(loaded(**g.example_inputs)[0], g(**g.example_inputs)[0]) < 1e-6
 
 
+def test_rebuild_captures_the_recorded_architecture_with_each_option():
+    model = build_model("wan")
+    g = _pruned(model)
+    seeded = g.recipe.rebuild(seeded=True)           # the same seed build_model draws from
+    assert str(seeded.gm.graph) == str(g.gm.graph)
+    with torch.no_grad():
+        assert rel_error(seeded(**g.example_inputs)[0], g(**g.example_inputs)[0]) < 1e-6
+    original = g.recipe.rebuild(seeded=True, replay=False)
+    with torch.no_grad():
+        assert rel_error(original(**g.example_inputs)[0], model(**g.example_inputs)[0]) < 1e-6
+
+    bf16 = g.recipe.rebuild(dtypes={k: torch.bfloat16 for k in g.gm.state_dict()})
+    assert {v.dtype for v in bf16.gm.parameters()} == {torch.bfloat16} and bf16.spec.dtype == torch.bfloat16
+    assert {k: v.shape for k, v in bf16.gm.state_dict().items()} == {k: v.shape for k, v in g.gm.state_dict().items()}
+    meta = g.recipe.rebuild("meta", replay=False)
+    assert meta.is_meta and not meta.recipe.steps
+    assert {k: v.shape for k, v in meta.gm.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    dynamic = g.recipe.rebuild(batch=2, dynamic_batch=True)
+    assert dynamic.spec.batch == 2 and dynamic.recipe.steps == g.recipe.steps
+
+
 def test_replay_on_other_architecture_is_refused(tmp_path):
     g = _pruned(build_model("wan"))
     g.recipe.save(tmp_path / "recipe.json")

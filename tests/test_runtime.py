@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
-from graphopt.exporters.manifest import Segment, SegmentedManifest, TensorSpec, next_name
+from graphopt.exporters.manifest import SegmentedManifest, next_name
 from graphopt.exporters.ort_runner import OrtBackend, OrtRunner
 from graphopt.exporters.runtime import SegmentedModel
+from graphopt.exporters.specs import Segment, TensorSpec
 
 CHANNELS, HEIGHT, WIDTH, FRAMES = 4, 8, 8, 2
 DIM, HEADS, TEXT_DIM, TEXT_LEN = 64, 4, 32, 8

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 from graphopt.errors import GraphoptError
-from graphopt.exporters.manifest import Segment
+from graphopt.exporters.specs import Segment
 from graphopt.exporters.ort_runner import OrtRunner
 from graphopt.exporters.tensorrt import (
     BuildOptions,

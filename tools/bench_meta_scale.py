@@ -1,6 +1,6 @@
 """Structural compression of full-size architectures on the meta device (no weights in memory).
 
-For Wan2.1-14B and HunyuanVideo-13B (graphopt.families.PUBLISHED): capture, then prune 30% of the
+For Wan2.1-14B and HunyuanVideo-13B (graphopt.family_configs.PUBLISHED): capture, then prune 30% of the
 heads of every block attention + drop 10% of the blocks + route the rest, with the decisions
 given (as from a recipe computed on a GPU elsewhere: seeded choices here, since ranking needs
 weights), and the cost model before/after. Each architecture runs in its own process, so its
@@ -28,7 +28,8 @@ ARCHS = ("wan2.1-t2v-14b", "hunyuan-video-13b")
 def run(name: str) -> dict:
     from graphopt import capture
     from graphopt.cost import model_cost
-    from graphopt.families import PUBLISHED, build_model
+    from graphopt.families import build_model
+    from graphopt.family_configs import PUBLISHED
     from graphopt.pass_manager import PassManager, get_pass
 
     config, spec = PUBLISHED[name]
@@ -60,7 +61,7 @@ def run(name: str) -> dict:
 
 def main():
     from graphopt.describe import human
-    from graphopt.families import PUBLISHED
+    from graphopt.family_configs import PUBLISHED
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=sorted(PUBLISHED))

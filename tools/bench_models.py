@@ -3,7 +3,7 @@
 Small enough for 2 CPU cores, large enough that matmuls (not Python overhead) dominate a step:
 8 blocks, width 256, latent 16 × 4 × 16 × 16 (256 video tokens).
 """
-from graphopt.families import InputSpec
+from graphopt.layout import InputSpec
 
 WAN_SMALL = {
     "_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 4,

@@ -26,7 +26,7 @@ import torch
 
 from graphopt import PassManager, capture, model_cost
 from graphopt.exporters.onnx import export_onnx, load_onnx
-from graphopt.families import InputSpec
+from graphopt.layout import InputSpec
 from graphopt.passes.route import Route
 
 

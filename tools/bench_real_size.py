@@ -39,7 +39,8 @@ from graphopt import capture, model_cost
 from graphopt.bench import _load, interleaved_latency, workload
 from graphopt.describe import human
 from graphopt.dropin import GraphTransformer
-from graphopt.families import InputSpec, build_model
+from graphopt.families import build_model
+from graphopt.layout import InputSpec
 from graphopt.io import atomic_path
 from graphopt.passes.cache import Cache
 from graphopt.passes.prune import Prune
@@ -156,7 +157,7 @@ def full_size_prune_flops() -> list[str]:
     latent (81 frames 480p, 512 text tokens), captured on the meta device (no weights, so the
     kept heads and channels are given: the first half of each; which half does not change FLOPs)."""
     from graphopt import ffnflow
-    from graphopt.families import PUBLISHED
+    from graphopt.family_configs import PUBLISHED
 
     config14, spec = PUBLISHED["wan2.1-t2v-14b"]
     configs = {"1.3b": {**config14, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},

@@ -34,7 +34,7 @@ def capture_teacher(name: str = "tiny-wan", batch: int = 2):
     model counts per step; the graph runs at any batch, so the sampler can call it with 2·clips.
     Its example inputs are the family's random ones; pass `calibration_inputs` to analyses."""
     from graphopt.capture import capture
-    from graphopt.families import InputSpec
+    from graphopt.layout import InputSpec
 
     model, config = load_tiny_teacher(name)
     # An InputSpec (not example tensors), so the graph knows its video token layout (head roles need it).
