@@ -47,7 +47,8 @@ from graphopt import router
 from graphopt.dropin import fixed_inputs
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_dir, check_output_dir
-from graphopt.exporters.manifest import DimRange, Segment, SegmentedManifest
+from graphopt.exporters.manifest import DimRange, SegmentedManifest
+from graphopt.exporters.specs import Segment
 from graphopt.exporters.segments import GATES_NAME, OUTPUT_NAME, plan_segments
 
 LAYOUTS = ("single", "segmented")
