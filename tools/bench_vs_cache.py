@@ -15,7 +15,8 @@ CFG `--guidance`, the CFG pair batched, graphopt.tiny.sample):
   (GraphTransformer), as a single-file ONNX model in onnxruntime, and as an AOTInductor package.
 
 Columns: wall seconds of one whole sampling run (median of `--repeats`, every row interleaved in
-each repeat after one warm-up run), its ratio to diffusers + FirstBlockCache (the target: ≤ 0.8),
+each repeat after one warm-up run), its ratio to diffusers + FirstBlockCache (the target: ≤ 0.8;
+the median over repeats of the ratio of the two runs in the same repeat, `paired_ratio`),
 the executed FLOPs of the run relative to the teacher's (torch FlopCounterMode over the run; a
 compiled backend takes the same decisions as its eager graph, so it shares that count), and the
 quality of the clips the first timed run made: PSNR vs the teacher's clips and mini-VBench's
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -90,6 +92,13 @@ def load_backend(backend: str, student, where: Path, threads: int):
     from graphopt.exporters.aoti import export_aoti, load_aoti
 
     return load_aoti(export_aoti(student, where / "model.pt2"))
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over repeats of (this row's run ÷ the base row's run in the same repeat): on a
+    loaded machine a repeat's runs share its load, so the pairs cancel drift that moves both
+    medians (seen: one row's runs ranging 36–134 s within five repeats)."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,13 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()
     reference = clips["diffusers eager"]
     teacher_scores = evaluate_clips(config, reference, data, reference=reference)
-    base = sorted(times[fbc_name])[len(times[fbc_name]) // 2]
     rows = []
     for name in runs:
-        seconds = sorted(times[name])[len(times[name]) // 2]
+        seconds = statistics.median(times[name])
         scores = evaluate_clips(config, clips[name], data, reference=reference)
         flops = teacher_flops if name == "diffusers eager" else fbc_flops if name == fbc_name else student_flops
-        rows.append({"name": name, "seconds": seconds, "times": times[name], "ratio_to_fbc": seconds / base,
+        rows.append({"name": name, "seconds": seconds, "times": times[name],
+                     "ratio_to_fbc": paired_ratio(times[name], times[fbc_name]),
                      "flops": flops / teacher_flops, "psnr_db": scores["psnr_db"],
                      "aggregate": aggregate_score(scores, teacher_scores)})
 
