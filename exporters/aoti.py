@@ -99,7 +99,8 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
         with tqdm(total=2, desc="AOTInductor", unit="stage", leave=False) as bar:
             bar.set_postfix_str("torch.export")
             try:
-                program = torch.export.export(gm, (), inputs, strict=False)
+                program = torch.export.export(gm, (), inputs, strict=False,
+                                              dynamic_shapes=_batch_shapes(gm, inputs))
             except Exception as e:  # torch.export reports failures in many exception types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise GraphoptError(f"torch.export of the compressed graph failed: {first}") from e
@@ -112,6 +113,19 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
             bar.update()
         os.replace(tmp / path.name, path)
     return path
+
+
+def _batch_shapes(gm, inputs: dict) -> dict | None:
+    """torch.export's dynamic_shapes keeping a dynamic-batch capture's symbolic batch (axis 0 of
+    every input, cache slots included, whose traced value has a symbolic axis 0). Without them
+    export specializes to the example batch, yet the package's input specs, read from the
+    graph, declare the batch dynamic: a call at another batch ran on the example's and returned
+    wrong numbers without an error."""
+    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes = {k: {0: batch} if isinstance(vals.get(k), torch.Tensor) and vals[k].dim() > 0
+              and isinstance(vals[k].shape[0], torch.SymInt) else None for k in inputs}
+    return shapes if any(shapes.values()) else None
 
 
 def load_aoti(path: str | os.PathLike, *, device: str | torch.device | None = None) -> "AOTIModel":

@@ -11,7 +11,7 @@ from conftest import random_inputs
 from graphopt import GraphoptError, capture, compress, rel_error
 from graphopt.dropin import GraphTransformer
 from graphopt.exporters.aoti import export_aoti, load_aoti
-from graphopt.families import build_model
+from graphopt.families import InputSpec, build_model
 from graphopt.passes.route import Route
 
 
@@ -56,6 +56,28 @@ def test_later_block_runs_after_a_skipped_one(tmp_path):
     graph.gm.router.force_gates = torch.tensor([False, True])     # block 0 skipped, block 1 runs
     model = _check(graph, tmp_path)
     assert model.records[-1].executed == (1,) and model.records[-1].skipped == (0,)
+
+
+def test_dynamic_batch_package_runs_at_another_batch(tmp_path):
+    # torch.export specialized a dynamic-batch capture to its example batch while the package's
+    # specs declared the batch dynamic: at batch 3 the tiny teacher's reuse schedule sampled
+    # garbage (PSNR 5 dB vs eager) without an error.
+    graph = capture(build_model("wan"), spec=InputSpec(batch=2), dynamic_batch=True)
+    compress(graph, ["route"], {"route": {"budget": 1.0, "skip": "reuse"}})
+    model = load_aoti(export_aoti(graph, tmp_path / "model.pt2"))
+    reference = GraphTransformer(graph)
+    example = _tensors(graph)
+    batch = example["hidden_states"].shape[0] + 2
+    inputs = {k: torch.cat([v] * batch) if v.dim() and v.shape[0] == example["hidden_states"].shape[0] else v
+              for k, v in _tensors(graph, seed=3).items()}
+    inputs = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() and k != "timestep" else v
+              for k, v in inputs.items()}
+    for step, t in enumerate((900.0, 500.0)):              # the second call reuses the first's slots
+        feed = {**inputs, "timestep": torch.full((batch,), t)}
+        out = model(**feed, return_dict=False)[0]
+        expected = reference(**feed, return_dict=False)[0]
+        assert out.shape[0] == batch
+        assert rel_error(out, expected) < 1e-4, f"call {step}"
 
 
 def test_bad_input_is_refused(tmp_path):

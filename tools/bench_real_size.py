@@ -14,8 +14,9 @@ onnxruntime single-file export, AOTInductor on request):
 - executed FLOPs per step: torch's FlopCounterMode over the whole workload in eager PyTorch
   (`graphopt.yardstick.count_flops`): a skipped block, a cache hit, a pruned head or channel are
   counted as work not done. Backend-independent: every backend takes the same decisions.
-- latency per step: `steps` denoising calls at a flow-matching Euler sampler's timesteps (the
-  workload of `graphopt bench`), median over `--repeats`, every row of a backend interleaved.
+- latency per step: one whole Euler sampling run of `steps` calls, each model integrating its own
+  outputs (`graphopt.bench.Workload`, the workload of `graphopt bench`: a cache sees a new run and
+  drifting inputs), median over `--repeats`, ÷ steps, every row of a backend interleaved.
 - efficiency = latency speedup / executed-FLOPs speedup, both against the original on the same
   backend, in this one process (1.0: time falls exactly as FLOPs do).
 - overhead = what the router, its gates and the cache's decision and residual copies cost,
@@ -110,13 +111,13 @@ def measure(size: str, args) -> list[dict]:
     graph = capture(model, spec=spec)
     graph.source = f"random Wan2.1-{size} width, {args.blocks} blocks"
     built = rows(graph, args.blocks, args.cache_threshold)
-    inputs = workload(graph, args.steps)
+    work = workload(graph, args.steps)
 
     flops = {}
     with torch.no_grad():
         for name, (g, _) in built.items():
             m = GraphTransformer(g)
-            _, counted = count_flops(lambda: [m(**feed, return_dict=False) for feed in inputs])
+            _, counted = count_flops(lambda: work.run(m))
             flops[name] = counted / args.steps
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +130,7 @@ def measure(size: str, args) -> list[dict]:
                     router.record = False
 
             def run(m):
-                return lambda: [m(**feed, return_dict=False) for feed in inputs]
+                return lambda: work.run(m)
 
             latency = interleaved_latency({n: run(m) for n, m in loaded.items()}, args.repeats,
                                           args.warmup, desc=f"{size} {backend}")
