@@ -29,8 +29,9 @@ from graphopt.exporters.manifest import (
     onnx_metadata,
 )
 from graphopt.exporters.onnx import COMPUTED_NAME, META_BLOCKS, META_CONFIG, META_FIXED, META_REUSE
-from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, check_fixed_inputs
+from graphopt.exporters.runtime import BlockRunner, check_fixed_inputs
 from graphopt.exporters.segments import GATES_NAME
+from graphopt.fxutil import TORCH_DTYPES
 
 # onnxruntime's type strings ("tensor(float)") -> manifest dtype names.
 _ORT_TYPES = {

@@ -35,8 +35,9 @@ import torch
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_write_bytes
 from graphopt.exporters.manifest import MODEL_KIND, DimRange, Segment, SegmentedManifest, TensorSpec, compare_io
-from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, run_all_segments
+from graphopt.exporters.runtime import BlockRunner, run_all_segments
 from graphopt.exporters.trt_check import all_graphs, restore_bool_where
+from graphopt.fxutil import TORCH_DTYPES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _CAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import first
 
 _REGISTRY: dict[str, type["Pass | Analysis"]] = {}
 
@@ -156,7 +157,7 @@ class Pass(_Configured):
 
     def ensures(self, before, after, inputs: dict) -> float:
         """Relative error between what the pass promises and what it produced."""
-        return rel_error(_first(after(**inputs)), _first(before(**inputs)))
+        return rel_error(first(after(**inputs)), first(before(**inputs)))
 
 
 def _size(graph, prefix="before_") -> dict:
@@ -164,10 +165,6 @@ def _size(graph, prefix="before_") -> dict:
 
     c = model_cost(graph)
     return {prefix + "flops": c.flops, prefix + "params": c.params}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
