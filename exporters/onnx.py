@@ -132,14 +132,10 @@ def _exportable(graph, dynamic: bool):
 
 
 def _has_symbolic_batch(graph) -> bool:
-    latent = _latent_name(graph)
+    latent = graph.latent_input
     node = next((p for p in graph.placeholders() if p.name == latent), None)
     val = node.meta.get("val") if node is not None else None
     return isinstance(val, torch.Tensor) and isinstance(val.shape[0], torch.SymInt)
-
-
-def _latent_name(graph) -> str:
-    return graph.family.latent_input if graph.family is not None else "hidden_states"
 
 
 def _recapture_dynamic(graph):
@@ -430,7 +426,7 @@ def _export_segmented(graph, out: Path, opset: int) -> None:
     from graphopt import reuse
 
     plans, stream, gates = plan_segments(graph)
-    latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
+    latent = next(p for p in graph.placeholders() if p.name == graph.latent_input)
     batch = latent.meta["val"].shape[0].node.expr
     values = _example_values(graph, {node for plan in plans for _, node in plan.inputs})
     reuse.reset_cache(graph)            # the example call is no step of a user's run
