@@ -265,6 +265,30 @@ class Router(nn.Module):
             fig.savefig(tmp, format="png", dpi=120)
 
 
+def for_export(graph) -> Router | None:
+    """Ready the router of `graph` (a copy about to be exported; None if it is not routed) the way
+    every exporter (ONNX, AOTInductor) does: eval mode (the inference gates under its budget), no
+    recording. A set `force_gates` stays and is baked in, so the export computes what the module
+    does as it stands; a mask with one row per sample needs an export whose batch is those samples,
+    so it is refused for a symbolic batch or another batch size."""
+    router = getattr(graph.gm, "router", None)
+    if router is None:
+        return None
+    router.eval()
+    router.record = False
+    forced = router.force_gates
+    if forced is not None and forced.shape[0] > 1:
+        latent = next((p for p in graph.placeholders() if p.name == graph.latent_input), None)
+        batch = latent.meta["val"].shape[0] if latent is not None else None
+        if not isinstance(batch, int) or batch != forced.shape[0]:
+            what = "symbolic" if isinstance(batch, torch.SymInt) else f"{batch} samples"
+            raise GraphoptError(f"force_gates has {forced.shape[0]} rows (one per sample) but the "
+                                f"export's batch is {what}: force every sample alike with one "
+                                f"row of {router.n_blocks} gates, export at that fixed batch, or "
+                                f"set force_gates = None to export the router's decisions")
+    return router
+
+
 def gumbel_sigmoid(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Straight-through Gumbel-sigmoid: 0/1 forward, ∂σ((ℓ + g)/τ)/∂ℓ backward."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
