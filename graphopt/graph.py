@@ -279,11 +279,11 @@ class DiTGraph:
 
     def analysis(self, name: str, **options):
         """The cached result of analysis pass `name` (run once per graph version and options)."""
-        from graphopt.pass_manager import get_pass
+        from graphopt.pass_manager import get_analysis
 
         key = (name, _frozen(options))
         if key not in self.analyses:
-            self.analyses[key] = self.reports[name] = get_pass(name)(**options).run(self)
+            self.analyses[key] = self.reports[name] = get_analysis(name)(**options).run(self)
         return self.analyses[key]
 
     # ---- helpers -----------------------------------------------------------------------------
