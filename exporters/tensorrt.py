@@ -326,13 +326,15 @@ def build_engines(
             if not strongly_typed and plan.precision != "fp32":
                 config.set_flag(trt.BuilderFlag.FP16 if plan.precision == "fp16" else trt.BuilderFlag.BF16)
             if cache is None:
-                cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
+                saved = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
+                cache = config.create_timing_cache(saved)
             config.set_timing_cache(cache, ignore_mismatch=False)
             profile = builder.create_optimization_profile()
             for i in range(network.num_inputs):
                 name = network.get_input(i).name
                 if name not in plan.profile:
-                    raise GraphoptError(f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
+                    raise GraphoptError(
+                        f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
                 profile.set_shape(name, *plan.profile[name])
             config.add_optimization_profile(profile)
             serialized = builder.build_serialized_network(network, config)
