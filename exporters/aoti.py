@@ -49,7 +49,7 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
     """Compile `graph` (plain or compressed, routed included) into the AOTInductor package `path`."""
     from tqdm.auto import tqdm
 
-    from graphopt.router import add_gates_output, add_output, block_table, gates_node, units
+    from graphopt.router import add_gates_output, add_output, block_table, for_export, gates_node, units
 
     path = Path(path)
     if path.suffix != ".pt2":
@@ -63,11 +63,9 @@ def export_aoti(graph, path: str | os.PathLike) -> Path:
                             "weights into the package. Load the compressed folder with "
                             "graphopt.load, or stream the weights in first")
     source = graph.copy()
-    router = getattr(source.gm, "router", None)
+    router = for_export(source)
     gm = source.gm
     if router is not None:
-        router.eval()
-        router.record = False
         add_gates_output(gm, gates_node(source))
     # The cache pass's decision (did its blocks compute?) as an output, for the per-call records.
     decision = next((u.first.args[0] for u in units(source) if u.cached), None)

@@ -79,8 +79,9 @@ def export_onnx(graph, out_dir: str | os.PathLike, *, layout: str = "single", dy
     `out_dir` is written whole or not at all (assembled in a temporary folder next to it, then
     renamed over it). It is refused if it holds files graphopt did not write (unless `overwrite`),
     or is or contains the graph's source or a path in `protect` (graphopt.io.check_output_dir),
-    checked before the export starts. The router decides the gates in the exported graph (a
-    `force_gates` set on the module is not exported). `dynamic=False` keeps the captured batch
+    checked before the export starts. The router is exported as AOTInductor exports it
+    (`graphopt.router.for_export`): its inference gates, or a `force_gates` set on it baked in.
+    `dynamic=False` keeps the captured batch
     (single layout only: the segmented contract selects samples along a named batch axis).
     """
     if layout not in LAYOUTS:
@@ -118,28 +119,20 @@ def _import_onnx_exporter() -> None:
 
 
 def _exportable(graph, dynamic: bool):
-    """A copy of `graph` ready to trace: router deciding, in eval mode; symbolic batch if `dynamic`."""
+    """A copy of `graph` ready to trace: router as every exporter has it; symbolic batch if `dynamic`."""
     if dynamic and not _has_symbolic_batch(graph):
         graph = _recapture_dynamic(graph)
     else:
         graph = graph.copy()
-    router = getattr(graph.gm, "router", None)
-    if router is not None:
-        router.eval()
-        router.force_gates = None
-        router.record = False
+    router.for_export(graph)
     return graph
 
 
 def _has_symbolic_batch(graph) -> bool:
-    latent = _latent_name(graph)
+    latent = graph.latent_input
     node = next((p for p in graph.placeholders() if p.name == latent), None)
     val = node.meta.get("val") if node is not None else None
     return isinstance(val, torch.Tensor) and isinstance(val.shape[0], torch.SymInt)
-
-
-def _latent_name(graph) -> str:
-    return graph.family.latent_input if graph.family is not None else "hidden_states"
 
 
 def _recapture_dynamic(graph):
@@ -424,7 +417,7 @@ def _export_segmented(graph, out: Path, opset: int) -> None:
     from graphopt import reuse
 
     plans, stream, gates = plan_segments(graph)
-    latent = next(p for p in graph.placeholders() if p.name == _latent_name(graph))
+    latent = next(p for p in graph.placeholders() if p.name == graph.latent_input)
     batch = latent.meta["val"].shape[0].node.expr
     values = _example_values(graph, {node for plan in plans for _, node in plan.inputs})
     reuse.reset_cache(graph)            # the example call is no step of a user's run

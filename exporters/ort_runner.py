@@ -22,9 +22,10 @@ from graphopt.dropin import FacadeModel, state_input_names
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import SegmentedManifest
 from graphopt.exporters.onnx import COMPUTED_NAME, META_BLOCKS, META_CONFIG, META_FIXED, META_REUSE
-from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, check_fixed_inputs
+from graphopt.exporters.runtime import BlockRunner, check_fixed_inputs
 from graphopt.exporters.segments import GATES_NAME
 from graphopt.exporters.specs import ONNX_ELEM_TYPES, Segment, TensorSpec, compare_io, onnx_metadata
+from graphopt.fxutil import TORCH_DTYPES
 
 # onnxruntime's type strings ("tensor(float)") -> manifest dtype names.
 _ORT_TYPES = {

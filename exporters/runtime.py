@@ -35,14 +35,11 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import TORCH_DTYPES
 from graphopt.records import RecentRecords
 from graphopt.exporters.manifest import SegmentedManifest, next_name
 from graphopt.exporters.specs import Segment, TensorSpec, check_call_inputs
 
-TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
 # Keyword arguments diffusers pipelines pass that carry no tensor for the graph when empty.
 _IGNORABLE_WHEN_EMPTY = ("attention_kwargs", "joint_attention_kwargs", "cross_attention_kwargs")
 

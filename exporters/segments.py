@@ -7,7 +7,6 @@ docstring; the ONNX export of each piece is there too.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -17,17 +16,12 @@ from torch import fx
 from graphopt import reuse, router
 from graphopt.errors import GraphoptError
 from graphopt.exporters.manifest import next_name
+from graphopt.fxutil import recomputed_where_used
 
 OUTPUT_NAME = "sample"
 GATES_NAME = "gates"
 
 aten = torch.ops.aten
-_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, operator.add, operator.sub,
-             operator.mul, operator.floordiv, operator.mod, operator.neg, operator.truediv, torch.sym_int,
-             torch.sym_max, torch.sym_min, torch.sym_float}
-# Ops that may return their input unchanged: recomputed where used, so no segment outputs an alias.
-_MAY_ALIAS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.contiguous.default,
-              aten.type_as.default, aten.flatten.using_ints, aten.alias.default}
 
 
 class _Cut:
@@ -57,7 +51,7 @@ class _Cut:
         elif node.op == "placeholder" and not isinstance(node.meta.get("val"), torch.Tensor):
             return node.meta.get("val")      # a non-tensor input torch.export specialized
         else:
-            name = None if _recomputable(node) else boundary(node)
+            name = None if recomputed_where_used(node) else boundary(node)
             if name is not None:
                 self.bind(node, name)
             else:
@@ -135,15 +129,6 @@ def _inplace_writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
                 f"'{ws[-1].name}' to it: the segmented layout cannot cut this graph; export with "
                 f"layout='single'")
     return writes
-
-
-def _recomputable(node: fx.Node) -> bool:
-    """Sizes (cond and ONNX segment boundaries carry tensors only) and casts that may alias."""
-    if node.op != "call_function":
-        return False
-    if node.target in _SIZE_OPS:
-        return True
-    return node.target in _MAY_ALIAS and isinstance(node.meta.get("val"), torch.Tensor)
 
 
 @dataclass

@@ -35,9 +35,10 @@ import torch
 from graphopt.errors import GraphoptError
 from graphopt.io import atomic_write_bytes
 from graphopt.exporters.manifest import DimRange, SegmentedManifest
-from graphopt.exporters.runtime import TORCH_DTYPES, BlockRunner, run_all_segments
+from graphopt.exporters.runtime import BlockRunner, run_all_segments
 from graphopt.exporters.specs import MODEL_KIND, Segment, TensorSpec, compare_io
 from graphopt.exporters.trt_check import all_graphs, restore_bool_where
+from graphopt.fxutil import TORCH_DTYPES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _CAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -326,13 +327,15 @@ def build_engines(
             if not strongly_typed and plan.precision != "fp32":
                 config.set_flag(trt.BuilderFlag.FP16 if plan.precision == "fp16" else trt.BuilderFlag.BF16)
             if cache is None:
-                cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
+                saved = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
+                cache = config.create_timing_cache(saved)
             config.set_timing_cache(cache, ignore_mismatch=False)
             profile = builder.create_optimization_profile()
             for i in range(network.num_inputs):
                 name = network.get_input(i).name
                 if name not in plan.profile:
-                    raise GraphoptError(f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
+                    raise GraphoptError(
+                        f"{plan.onnx_path.name}: network input '{name}' is not in the manifest/ONNX spec")
                 profile.set_shape(name, *plan.profile[name])
             config.add_optimization_profile(profile)
             serialized = builder.build_serialized_network(network, config)

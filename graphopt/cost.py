@@ -34,6 +34,8 @@ def concrete(size) -> int:
 
 
 def _shape(node):
+    # Ints, not graphopt.fxutil.shape's possibly symbolic sizes: FLOPs of a dynamic-batch graph
+    # are counted at its hint.
     return tuple(concrete(s) for s in node.meta["val"].shape)
 
 

@@ -236,7 +236,8 @@ def _quality_markdown(scores: dict) -> str:
 
 def _summary_markdown(summary: dict, scores: dict) -> str:
     lines = [f"# graphopt demo: tiny-wan ({summary['mode']}, {summary['threads']} threads, "
-             f"{summary['seconds']:.0f} s)", "", "| stage | seconds | CPU seconds | what happened |", "|---|---:|---:|---|"]
+             f"{summary['seconds']:.0f} s)", "", "| stage | seconds | CPU seconds | what happened |",
+             "|---|---:|---:|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s['detail']} |"
               for s in summary["stages"]]
     lines += ["", "## Quality (mini-VBench)", "", _quality_markdown(scores),

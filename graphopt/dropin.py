@@ -27,11 +27,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.specs import TensorSpec
-from graphopt.exporters.runtime import TORCH_DTYPES, StepRecord, TransformerFacade, model_feeds
+from graphopt.exporters.runtime import StepRecord, TransformerFacade, model_feeds
+from graphopt.fxutil import DTYPE_NAMES, TORCH_DTYPES
 from graphopt.records import RecentRecords
 
 BATCH = "batch"
-_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def input_specs(graph) -> tuple[TensorSpec, ...]:
@@ -49,10 +49,10 @@ def spec_of(name: str, val: torch.Tensor) -> TensorSpec:
     """The spec of graph input `name` with (fake) value `val`; a symbolic axis 0 is named BATCH."""
     shape = tuple(BATCH if isinstance(d, torch.SymInt) and i == 0 else int(d)
                   for i, d in enumerate(val.shape))
-    if val.dtype not in _DTYPE_NAMES:
+    if val.dtype not in DTYPE_NAMES:
         raise GraphoptError(f"model input '{name}' is {val.dtype}; graphopt's runtimes take "
                             f"{sorted(TORCH_DTYPES)}")
-    return TensorSpec(name, _DTYPE_NAMES[val.dtype], shape)
+    return TensorSpec(name, DTYPE_NAMES[val.dtype], shape)
 
 
 def state_input_names(slots: Sequence[str]) -> set[str]:

@@ -235,7 +235,8 @@ def clip_scores(config: GeneratorConfig, clips, conditions, reference=None) -> d
     x = _as_numpy(clips)
     _check_clips(config, x)
     shapes, colours, directions = (np.asarray(getattr(conditions, k)) for k in ("shapes", "colours", "directions"))
-    if shapes.shape != (x.shape[0], config.max_objects) or colours.shape != shapes.shape or directions.shape != shapes.shape:
+    if (shapes.shape != (x.shape[0], config.max_objects) or colours.shape != shapes.shape
+            or directions.shape != shapes.shape):
         raise GraphoptError(
             f"conditions of shapes {shapes.shape}/{colours.shape}/{directions.shape}: expected ({x.shape[0]}, "
             f"{config.max_objects}) each, one row per clip"

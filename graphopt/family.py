@@ -94,7 +94,8 @@ class Family:
     def token_layout(self, config: Mapping[str, Any], spec: InputSpec) -> Tokens:
         """The video-token grid after patchify of a `spec`-sized latent (a GraphoptError if it does not divide)."""
         if self.latent_layout == "BCHW" and spec.frames != 1:
-            raise GraphoptError(f"{self.class_names[0]} is an image model: InputSpec.frames must be 1, got {spec.frames}")
+            raise GraphoptError(f"{self.class_names[0]} is an image model: InputSpec.frames must be 1, "
+                                f"got {spec.frames}")
         return _patchify(spec, *self.patch_size(_complete(self.class_names[0], config)))
 
     def example_inputs(self, config: Mapping[str, Any], spec: InputSpec) -> dict[str, Any]:

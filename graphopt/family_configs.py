@@ -122,8 +122,8 @@ COGVIDEOX_TINY = {
 # Full-size architectures, from the published diffusers configs (transformer/config.json of
 # Wan-AI/Wan2.1-T2V-14B-Diffusers, hunyuanvideo-community/HunyuanVideo and genmo/mochi-1-preview,
 # whose values are MochiTransformer3DModel's defaults), with the latent each is run at (Wan: 81
-# frames 480p; HunyuanVideo: 129 frames 720p; Mochi: 163 frames 480x848, VAE ratios 6 and 8). For meta-device work: capture,
-# structural passes and cost without the weights (`build_model(name, PUBLISHED[name][0], "meta")`).
+# frames 480p; HunyuanVideo: 129 frames 720p; Mochi: 163 frames 480x848, VAE ratios 6 and 8). For meta-device
+# work: capture, structural passes and cost without the weights (`build_model(name, PUBLISHED[name][0], "meta")`).
 PUBLISHED: Mapping[str, tuple[dict[str, Any], InputSpec]] = MappingProxyType({
     "wan2.1-t2v-14b": ({
         "_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "num_attention_heads": 40,

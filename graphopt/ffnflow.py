@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from graphopt import headflow
+from graphopt import fxutil, headflow
 
 aten = torch.ops.aten
 Segment = tuple[int, tuple[int, ...] | None]     # (size, up-row offsets) or (size, None)
@@ -48,7 +48,7 @@ class ChannelFlow:
 
     def down_columns(self, kept: list[int]) -> torch.Tensor:
         """All columns of the down projection that survive (other features' columns included)."""
-        cols = torch.arange(_shape(self.down.args[1])[1])
+        cols = torch.arange(fxutil.shape(self.down.args[1])[1])
         k = torch.tensor(kept, dtype=torch.long) + self.start
         return torch.cat([cols[:self.start], k, cols[self.start + self.hidden:]])
 
@@ -57,15 +57,6 @@ class ChannelFlow:
         rows = set(self.up_rows(kept).tolist())
         return sum(s if offs is None else sum(1 for r in range(offs[0], offs[0] + s) if r in rows)
                    for s, offs in label)
-
-
-def _shape(node) -> tuple[int, ...]:
-    return tuple(node.meta["val"].shape)
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _common_path(a: str, b: str) -> str:
@@ -96,8 +87,8 @@ def trace(up: fx.Node, order: dict[fx.Node, int] | None = None) -> ChannelFlow |
     """The channel flow from linear `up`, or None when `up` does not start a prunable FFN.
 
     `order`: each node's position in the graph (computed when not given)."""
-    rows = _shape(up)[-1]
-    d_in = _shape(up.args[0])[-1]
+    rows = fxutil.shape(up)[-1]
+    d_in = fxutil.shape(up.args[0])[-1]
     labels: dict[fx.Node, Label | list[Label]] = {up: ((rows, (0,)),)}
     order = order or {n: i for i, n in enumerate(up.graph.nodes)}
     # Visit in graph (topological) order, so every labelled operand of a node is labelled first.
@@ -123,7 +114,7 @@ def trace(up: fx.Node, order: dict[fx.Node, int] | None = None) -> ChannelFlow |
     if len(downs) != 1:
         return None
     down = downs[0]
-    if _shape(down)[-1] != d_in:
+    if fxutil.shape(down)[-1] != d_in:
         return None
     segs = labels[down.args[0]]
     carrying = [(i, s) for i, s in enumerate(segs) if s[1] is not None]
@@ -134,7 +125,7 @@ def trace(up: fx.Node, order: dict[fx.Node, int] | None = None) -> ChannelFlow |
     if covered != list(range(rows)) or hidden <= 1:
         return None
     start = sum(s for s, _ in segs[:i])
-    name = _common_path(_module_path(up), _module_path(down))
+    name = _common_path(fxutil.module_path(up), fxutil.module_path(down))
     return ChannelFlow(name, up, down, hidden, tuple(offsets), start, splits)
 
 
@@ -147,11 +138,11 @@ def _propagate(n: fx.Node, labels) -> Label | list[Label] | None:
         return parts[n.args[1]] if isinstance(parts, list) else None
     if t in _CHUNKS:
         x = n.args[0]
-        ndim = len(_shape(x))
+        ndim = len(fxutil.shape(x))
         dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % ndim
         if dim != ndim - 1:
             return None
-        width = _shape(x)[-1]
+        width = fxutil.shape(x)[-1]
         if t is aten.chunk.default:
             size = -(-width // n.args[1])
             sizes = [min(size, width - i) for i in range(0, width, size)]
@@ -161,13 +152,13 @@ def _propagate(n: fx.Node, labels) -> Label | list[Label] | None:
             sizes = list(n.args[1])
         return _split(labels[x], sizes)
     if t is aten.cat.default:
-        ndim = len(_shape(n))
+        ndim = len(fxutil.shape(n))
         dim = (n.args[1] if len(n.args) > 1 else 0) % ndim
         if dim != ndim - 1:
             return None
         out: list[Segment] = []
         for a in n.args[0]:
-            out.extend(labels[a] if a in labels else ((_shape(a)[-1], None),))
+            out.extend(labels[a] if a in labels else ((fxutil.shape(a)[-1], None),))
         return tuple(out)
     if t not in headflow.ELEMENTWISE or not isinstance(val, torch.Tensor) or val.ndim == 0:
         return None

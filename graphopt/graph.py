@@ -25,6 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt import headflow
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import module_path, shape
 
 aten = torch.ops.aten
 _BLOCK_PATH = re.compile(r"^([^.]+)\.(\d+)$")
@@ -68,21 +69,11 @@ class Block:
     ffns: list[str] = field(default_factory=list)
 
 
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def _block_of(node: fx.Node) -> str | None:
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         if _BLOCK_PATH.match(path):
             return path
     return None
-
-
-def _shape(node):
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 class DiTGraph:
@@ -196,13 +187,13 @@ class DiTGraph:
                     inputs.append(a)
             if any(u not in inside for u in n.users):
                 outputs.append(n)
-        tensor_inputs = [a for a in inputs if _shape(a) is not None]
-        unpaired = [o for o in outputs if not any(_shape(a) == _shape(o) for a in tensor_inputs)]
+        tensor_inputs = [a for a in inputs if shape(a) is not None]
+        unpaired = [o for o in outputs if not any(shape(a) == shape(o) for a in tensor_inputs)]
         if unpaired:
             # Outputs with no same-shape input are side values the block computes for later
             # blocks too (e.g. an attention mask prepared once): hoist their stream-free ancestry.
             streamy = _descendants_within({a for a in tensor_inputs
-                                           if any(_shape(a) == _shape(o) for o in outputs)}, inside)
+                                           if any(shape(a) == shape(o) for o in outputs)}, inside)
             hoist = set()
             for o in unpaired:
                 anc = _ancestors_within(o, inside)
@@ -212,10 +203,10 @@ class DiTGraph:
                 return self._make_block(index, name, [n for n in members if n not in hoist], order)
         stream_in = []
         for o in outputs:
-            candidates = [a for a in tensor_inputs if _shape(a) == _shape(o) and a not in stream_in]
+            candidates = [a for a in tensor_inputs if shape(a) == shape(o) and a not in stream_in]
             if not candidates:
                 raise GraphoptError(
-                    f"block '{name}' output '{o.name}' {_shape(o)} has no input of the same shape: "
+                    f"block '{name}' output '{o.name}' {shape(o)} has no input of the same shape: "
                     f"it is not a residual block, so it cannot be dropped or routed")
             stream_in.append(min(candidates, key=lambda a: _distance(a, o, inside)))
         side = [a for a in inputs if a not in stream_in]
@@ -226,13 +217,13 @@ class DiTGraph:
         name = module_path(sdpa)
         block = block_index.get(_block_of(sdpa))
         q, k = sdpa.args[0], sdpa.args[1]
-        heads, head_dim = _shape(q)[1], _shape(q)[-1]
+        heads, head_dim = shape(q)[1], shape(q)[-1]
         common = dict(name=name, block=block, heads=heads, head_dim=head_dim, sdpa=sdpa.name,
-                      q_tokens=_shape(q)[2], kv_tokens=_shape(k)[2])
+                      q_tokens=shape(q)[2], kv_tokens=shape(k)[2])
         try:
             flow = headflow.trace(self.gm, sdpa)
         except GraphoptError as e:
-            return Attention(kind="self" if _shape(q)[2] == _shape(k)[2] else "cross",
+            return Attention(kind="self" if shape(q)[2] == shape(k)[2] else "cross",
                              producers=[], consumers=[], norms=[], prunable=False,
                              why_not=str(e), **common)
         self.flows[name] = flow
@@ -259,12 +250,12 @@ class DiTGraph:
             down = _elementwise_reach(up)
             if down is None or down in claimed:
                 continue
-            d_in, hidden, d_out = _shape(up.args[0])[-1], _shape(up)[-1], _shape(down)[-1]
+            d_in, hidden, d_out = shape(up.args[0])[-1], shape(up)[-1], shape(down)[-1]
             if hidden <= d_in or d_out != d_in:
                 continue
             name = module_path(up).rsplit(".", 2)[0] if "." in module_path(up) else module_path(up)
             ffns[name] = FFN(name, block_index.get(_block_of(up)), up.args[1].target,
-                             down.args[1].target, _shape(down.args[0])[-1])
+                             down.args[1].target, shape(down.args[0])[-1])
         return ffns
 
     def _find_timestep_embedding(self, order) -> str | None:
@@ -279,7 +270,7 @@ class DiTGraph:
         for n in self.gm.graph.nodes:
             if order[n] >= first:
                 break
-            sh = _shape(n)
+            sh = shape(n)
             if n in from_t and n not in from_x and sh is not None and len(sh) == 2 \
                     and n.meta["val"].is_floating_point():
                 best = n
@@ -288,11 +279,11 @@ class DiTGraph:
 
     def analysis(self, name: str, **options):
         """The cached result of analysis pass `name` (run once per graph version and options)."""
-        from graphopt.pass_manager import get_pass
+        from graphopt.pass_manager import get_analysis
 
         key = (name, _frozen(options))
         if key not in self.analyses:
-            self.analyses[key] = self.reports[name] = get_pass(name)(**options).run(self)
+            self.analyses[key] = self.reports[name] = get_analysis(name)(**options).run(self)
         return self.analyses[key]
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from graphopt import fxutil
 from graphopt.errors import GraphoptError
 
 aten = torch.ops.aten
@@ -118,18 +119,6 @@ class HeadFlow:
     labels: dict[fx.Node, Labels | list[Labels]] = field(default_factory=dict)
 
 
-def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
-    return None
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def _in_module(node: fx.Node, path: str) -> bool:
     stack = node.meta.get("nn_module_stack") or {}
     return any(p == path for p, _ in stack.values())
@@ -198,8 +187,8 @@ def _norm_dims(shape, normalized_shape) -> int:
 
 def trace(gm: fx.GraphModule, sdpa: fx.Node) -> HeadFlow:
     """Find producers, consumers and labels for the attention computed by `sdpa`."""
-    attention = _module_path(sdpa)
-    q_shape = _shape(sdpa.args[0])
+    attention = fxutil.module_path(sdpa)
+    q_shape = fxutil.shape(sdpa.args[0])
     heads, head_dim = q_shape[1], q_shape[-1]
     flow = HeadFlow(attention, sdpa, heads, head_dim)
 
@@ -214,7 +203,7 @@ def trace(gm: fx.GraphModule, sdpa: fx.Node) -> HeadFlow:
         if n.op != "call_function" or not _in_module(n, attention):
             continue
         if n.target in LINEAR:
-            out = _shape(n)[-1]
+            out = fxutil.shape(n)[-1]
             if out % (heads * head_dim) == 0:
                 m = out // (heads * head_dim)
                 seg = ((m, False),) if m > 1 else ()
@@ -228,7 +217,7 @@ def trace(gm: fx.GraphModule, sdpa: fx.Node) -> HeadFlow:
     # 2. Forward propagation in graph order.
     labels: dict[fx.Node, object] = {}
     for p, d in producers.items():
-        labels[p] = _unlabelled(len(_shape(p)) - 1) + (d,)
+        labels[p] = _unlabelled(len(fxutil.shape(p)) - 1) + (d,)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     start = min(order[p] for p in producers)
     consumers: dict[fx.Node, Dim] = {}
@@ -259,7 +248,7 @@ def trace(gm: fx.GraphModule, sdpa: fx.Node) -> HeadFlow:
 
 
 def _broadcast(n: fx.Node, labels, flow) -> Labels:
-    return _broadcast_inputs(n, n.all_input_nodes, labels, flow, len(_shape(n)))
+    return _broadcast_inputs(n, n.all_input_nodes, labels, flow, len(fxutil.shape(n)))
 
 
 def _broadcast_inputs(n: fx.Node, inputs, labels, flow, ndim) -> Labels:
@@ -268,7 +257,7 @@ def _broadcast_inputs(n: fx.Node, inputs, labels, flow, ndim) -> Labels:
         lab = labels.get(a)
         if not isinstance(lab, tuple):
             continue
-        offset = ndim - len(_shape(a))
+        offset = ndim - len(fxutil.shape(a))
         for i, d in enumerate(lab):
             if d is None:
                 continue
@@ -278,10 +267,10 @@ def _broadcast_inputs(n: fx.Node, inputs, labels, flow, ndim) -> Labels:
             out[j] = d
     # Operands without labels that span a labelled dim at full size must shrink with the heads.
     for a in inputs:
-        if isinstance(labels.get(a), tuple) or _shape(a) is None:
+        if isinstance(labels.get(a), tuple) or fxutil.shape(a) is None:
             continue
-        offset = ndim - len(_shape(a))
-        for i, size in enumerate(_shape(a)):
+        offset = ndim - len(fxutil.shape(a))
+        for i, size in enumerate(fxutil.shape(a)):
             d = out[i + offset]
             if d is not None and size > 1:
                 if size != dim_size(d):
@@ -294,7 +283,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
     t, a = n.target, n.args
     x = a[0] if a else None
     xl = labels.get(x) if isinstance(x, fx.Node) else None
-    shape = _shape(n)
+    shape = fxutil.shape(n)
 
     if t in NO_TENSOR_OUT:
         return None
@@ -310,12 +299,13 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
             if lab is None or lab[1] != (((flow.heads, True),),):
                 _fail(n, flow.attention, "q, k and v must all carry the heads at dim 1")
         mask = a[3] if len(a) > 3 else n.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and len(_shape(mask)) == 4 and _shape(mask)[1] == flow.heads:
+        mask_shape = fxutil.shape(mask)
+        if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] == flow.heads:
             flow.sliced_operands.append((n, mask, 1, ql[1]))   # a mask repeated per head
         return (None, ql[1], None, None)
     if t in NORMS:
         normalized = a[1]
-        first = _norm_dims(_shape(x), normalized)
+        first = _norm_dims(fxutil.shape(x), normalized)
         if any(heads_of(d) for d in xl[first:]):
             flow.norms.append((n, first))
         return xl
@@ -334,11 +324,12 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
             return lab[a[1]]
         _fail(n, flow.attention, "indexing a head-carrying tensor")
     if t in (aten.unflatten.int,):
-        dim = a[1] % len(_shape(x))
-        return _regroup(xl, _shape(x), _shape(x)[:dim] + tuple(shape[dim:dim + len(a[2])])
-                        + _shape(x)[dim + 1:], n, flow.attention)
+        dim = a[1] % len(fxutil.shape(x))
+        x_shape = fxutil.shape(x)
+        return _regroup(xl, x_shape, x_shape[:dim] + tuple(shape[dim:dim + len(a[2])])
+                        + x_shape[dim + 1:], n, flow.attention)
     if t in RESHAPES or t is aten.flatten.using_ints:
-        return _regroup(xl, _shape(x), shape, n, flow.attention)
+        return _regroup(xl, fxutil.shape(x), shape, n, flow.attention)
     if t is aten.permute.default:
         return tuple(xl[d] for d in a[1])
     if t is aten.transpose.int:
@@ -351,7 +342,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
         lab.insert(a[1] % (len(lab) + 1), None)
         return tuple(lab)
     if t in (aten.squeeze.dim, aten.squeeze.dims):
-        return _regroup(xl, _shape(x), shape, n, flow.attention)
+        return _regroup(xl, fxutil.shape(x), shape, n, flow.attention)
     if t is aten.expand.default:
         return tuple([None] * (len(shape) - len(xl)) + list(xl))
     if t in (aten.unbind.int, aten.select.int, aten.slice.Tensor):
@@ -361,7 +352,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
         if t is aten.slice.Tensor:
             return xl
         rest = xl[:dim] + xl[dim + 1:]
-        return [rest] * _shape(x)[dim] if t is aten.unbind.int else rest
+        return [rest] * fxutil.shape(x)[dim] if t is aten.unbind.int else rest
     if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         dim = (a[2] if len(a) > 2 else 0) % len(xl)
         n_out = len(n.meta["val"])
@@ -376,7 +367,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
     if t is aten.index.Tensor:
         # x[..., idx, ...] with one 1-D index tensor on a dim that does not carry heads.
         idx = [i for i, v in enumerate(a[1]) if v is not None]
-        if len(idx) != 1 or heads_of(xl[idx[0]]) or len(_shape(a[1][idx[0]])) != 1:
+        if len(idx) != 1 or heads_of(xl[idx[0]]) or len(fxutil.shape(a[1][idx[0]])) != 1:
             _fail(n, flow.attention, "advanced indexing across the head axis")
         return xl[:idx[0]] + (None,) + xl[idx[0] + 1:]
     if t is aten.pad.default:
@@ -387,7 +378,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
     if t is aten.cat.default:
         tensors, dim = a[0], (a[1] if len(a) > 1 else 0)
         dim %= len(shape)
-        labs = [labels.get(tn) or _unlabelled(len(_shape(tn))) for tn in tensors]
+        labs = [labels.get(tn) or _unlabelled(len(fxutil.shape(tn))) for tn in tensors]
         others = {tuple(lab[:dim] + lab[dim + 1:]) for lab in labs}
         if len(others) != 1:
             _fail(n, flow.attention, "concatenating tensors with different head layouts")
@@ -395,7 +386,7 @@ def _propagate(n: fx.Node, labels, flow: HeadFlow, consumers) -> object:
             return labs[0]
         segs: list[Segment] = []
         for tn, lab in zip(tensors, labs):
-            segs.extend(lab[dim] if lab[dim] is not None else (((_shape(tn)[dim], False),),))
+            segs.extend(lab[dim] if lab[dim] is not None else (((fxutil.shape(tn)[dim], False),),))
         return labs[0][:dim] + (tuple(segs),) + labs[0][dim + 1:]
     if t in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default):
         dims = [d % len(xl) for d in a[1]]

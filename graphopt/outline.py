@@ -19,14 +19,10 @@ import torch
 from torch import fx
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import is_tensor, recomputed_where_used
 from graphopt.router import cond_block
 
 aten = torch.ops.aten
-_INT_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, operator.add,
-            operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
-            operator.truediv, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_float}
-_MAY_RETURN_INPUT = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other,
-                     aten.contiguous.default, aten.type_as.default, aten.flatten.using_ints}
 LABEL = "graphopt_routed_block"     # node meta: the block (or blocks) a conditional carries
 
 
@@ -130,12 +126,12 @@ def operands(gm, members, stream_in, label: str):
             else:
                 owner[id(tensor)] = n
                 operands.append(n)
-        elif _is_tensor(n) and n.target not in _MAY_RETURN_INPUT:
-            operands.append(n)
-        elif _is_tensor(n) or (n.op == "call_function" and n.target in _INT_OPS):
+        elif recomputed_where_used(n):
             for a in n.all_input_nodes:
                 visit(a)
             recomputed.append(n)
+        elif is_tensor(n):
+            operands.append(n)
         else:
             raise GraphoptError(
                 f"{label} reads the integer '{n.name}' ({n.op} {n.target}), which "
@@ -172,10 +168,6 @@ def _attribute(gm, n) -> torch.Tensor:
                             f"not a tensor: conditionals do not nest (route and cache the "
                             f"same blocks only once)")
     return value
-
-
-def _is_tensor(n) -> bool:
-    return isinstance(n.meta.get("val"), torch.Tensor)
 
 
 def row_major(n) -> bool:

@@ -11,7 +11,8 @@ whose `__post_init__` rejects bad values):
   `apply(graph, decisions)` (what replay calls). `ensures(before, after, inputs)` returns the
   relative error of the promise it makes (prune: equals masking; route with all gates on: equals
   the original), checked by the manager when verification is on.
-`PassManager` and `compress` run transforms only and refuse an analysis by name.
+`PassManager`, `compress` and `Recipe` (its steps, replayed) take transforms only and refuse an
+analysis by name (`get_transform`); `graph.analysis` takes analyses only (`get_analysis`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import first
 
 _REGISTRY: dict[str, type["Pass | Analysis"]] = {}
 
@@ -47,12 +49,28 @@ def get_pass(name: str):
     return _REGISTRY[name]
 
 
-def get_transform(name: str) -> type["Pass"]:
-    """The transform `name`; an analysis is refused with how to run it instead."""
+def get_transform(name: str, where: str = "") -> type["Pass"]:
+    """The transform `name`; an analysis is refused with how to run it instead (`where`: the
+    recipe step or option that named it, to begin the message)."""
     cls = get_pass(name)
     if cls.kind != "transform":
-        raise GraphoptError(_not_a_transform(name))
+        raise GraphoptError((f"{where}: " if where else "") + _not_a_transform(name))
     return cls
+
+
+def get_analysis(name: str) -> type["Analysis"]:
+    """The analysis `name`; a transform is refused (running it would change the graph)."""
+    cls = get_pass(name)
+    if cls.kind != "analysis":
+        raise GraphoptError(_not_an_analysis(name))
+    return cls
+
+
+def _not_an_analysis(name: str) -> str:
+    analyses = ", ".join(n for n in available() if _REGISTRY[n].kind == "analysis")
+    return (f"'{name}' is a transform (it changes the graph), not an analysis: run it with "
+            f"graphopt.compress or PassManager, which record it in the recipe; the analyses are "
+            f"{analyses}")
 
 
 def _not_a_transform(name: str) -> str:
@@ -156,7 +174,7 @@ class Pass(_Configured):
 
     def ensures(self, before, after, inputs: dict) -> float:
         """Relative error between what the pass promises and what it produced."""
-        return rel_error(_first(after(**inputs)), _first(before(**inputs)))
+        return rel_error(first(after(**inputs)), first(before(**inputs)))
 
 
 def _size(graph, prefix="before_") -> dict:
@@ -164,10 +182,6 @@ def _size(graph, prefix="before_") -> dict:
 
     c = model_cost(graph)
     return {prefix + "flops": c.flops, prefix + "params": c.params}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -74,7 +74,7 @@ class Recipe:
         _check_model_record(model, path)
         if not isinstance(steps, list):
             raise GraphoptError(f"recipe '{path}': 'steps' must be a list, got {_kind(steps)}")
-        from graphopt.pass_manager import get_pass
+        from graphopt.pass_manager import get_transform
 
         for i, step in enumerate(steps):
             where = f"recipe '{path}' step {i}"
@@ -84,7 +84,7 @@ class Recipe:
                 if not isinstance(step.get(key), kind):
                     raise GraphoptError(f"{where}: '{key}' must be a {kind.__name__}, got "
                                         f"{_kind(step.get(key))}")
-            check_options(get_pass(step["pass"]), step["options"], f"{where} ({step['pass']})")
+            check_options(get_transform(step["pass"], where), step["options"], f"{where} ({step['pass']})")
         return cls(model=model, steps=steps)
 
     def rebuild(self, device="cpu", *, batch: int | None = None, dtypes: dict | None = None,
@@ -116,10 +116,10 @@ class Recipe:
 
     def replay(self, graph):
         """Apply every step to `graph` (a fresh capture of the recipe's architecture)."""
-        from graphopt.pass_manager import get_pass
+        from graphopt.pass_manager import get_transform
 
         for i, step in enumerate(self.steps):
-            p = get_pass(step["pass"])(**step["options"])
+            p = get_transform(step["pass"], f"recipe step {i}")(**step["options"])
             try:
                 p.apply(graph, step["decisions"])
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import tracing
 
 STATE_MODULE = "reuse_state"
 VALID_INPUT = "cache_valid"
@@ -75,9 +76,7 @@ class ReuseState(nn.Module, CacheContexts):
     _state = CacheContexts.state
 
     def forward(self, op: str, *args):
-        from graphopt.router import _tracing
-
-        if _tracing(args[-1]):
+        if tracing(args[-1]):
             # Shape propagation and tracing see a pure function; exporters lift the state first.
             if op == "begin":
                 return torch.zeros((), dtype=torch.bool, device=args[-1].device)
@@ -151,9 +150,7 @@ def reuses(model) -> bool:
 def pick(pred: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a where the 0-dim bool `pred` holds, else b: eagerly a Python branch (exact, no select
     work), under tracing `torch.where` (an ONNX Where)."""
-    from graphopt.router import _tracing
-
-    if _tracing(pred):
+    if tracing(pred):
         return torch.where(pred, a, b)
     return a if bool(pred) else b
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import tracing
 from graphopt.io import atomic_path
 from graphopt.records import RecentRecords
 
@@ -177,7 +178,7 @@ class Router(nn.Module):
             gates, run = hard.float(), hard.any(0)
         else:
             logits = self.logits(timestep, latent, temb, stream)
-            if not _tracing(logits):
+            if not tracing(logits):
                 self.gate_probs = torch.sigmoid(logits.float())
                 self.exec_fraction = self.fixed_share + (self.gate_probs * self.cost).sum(1)
             if self.training:
@@ -190,7 +191,7 @@ class Router(nn.Module):
         if valid is not None:
             gates = torch.where(valid, gates, torch.ones_like(gates))
             hard, run = hard | ~valid, run | ~valid
-        if self.record and not self.training and not _tracing(gates):
+        if self.record and not self.training and not tracing(gates):
             self.history.append({"timestep": _per_sample_timestep(timestep, batch).detach().cpu(),
                                  "gates": hard.detach().cpu(), "run": run.detach().cpu()})
         return gates, run
@@ -264,6 +265,30 @@ class Router(nn.Module):
             fig.savefig(tmp, format="png", dpi=120)
 
 
+def for_export(graph) -> Router | None:
+    """Ready the router of `graph` (a copy about to be exported; None if it is not routed) the way
+    every exporter (ONNX, AOTInductor) does: eval mode (the inference gates under its budget), no
+    recording. A set `force_gates` stays and is baked in, so the export computes what the module
+    does as it stands; a mask with one row per sample needs an export whose batch is those samples,
+    so it is refused for a symbolic batch or another batch size."""
+    router = getattr(graph.gm, "router", None)
+    if router is None:
+        return None
+    router.eval()
+    router.record = False
+    forced = router.force_gates
+    if forced is not None and forced.shape[0] > 1:
+        latent = next((p for p in graph.placeholders() if p.name == graph.latent_input), None)
+        batch = latent.meta["val"].shape[0] if latent is not None else None
+        if not isinstance(batch, int) or batch != forced.shape[0]:
+            what = "symbolic" if isinstance(batch, torch.SymInt) else f"{batch} samples"
+            raise GraphoptError(f"force_gates has {forced.shape[0]} rows (one per sample) but the "
+                                f"export's batch is {what}: force every sample alike with one "
+                                f"row of {router.n_blocks} gates, export at that fixed batch, or "
+                                f"set force_gates = None to export the router's decisions")
+    return router
+
+
 def gumbel_sigmoid(logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Straight-through Gumbel-sigmoid: 0/1 forward, ∂σ((ℓ + g)/τ)/∂ℓ backward."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
@@ -308,7 +333,7 @@ def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: to
     straight-through gate (training) its gradient is (block_out − stream_in).
     """
     g = gates[:, j]
-    if not g.requires_grad and not _tracing(g) and bool(g.min() == g.max()):
+    if not g.requires_grad and not tracing(g) and bool(g.min() == g.max()):
         # Eager, one decision for the whole batch: no per-sample select is needed.
         return block_out if bool(g[0] > 0.5) else stream_in
     if rows_per_sample > 1:
@@ -328,7 +353,7 @@ def cond_block(pred: torch.Tensor, run_fn, skip_fn, operands: tuple):
     in Python, as cond's own eager kernel does, without the re-tracing of both branches that
     cond's autograd rule performs on every call (≈0.1 s per block per step).
     """
-    if _tracing(pred):
+    if tracing(pred):
         return torch.ops.higher_order.cond(pred, run_fn, skip_fn, tuple(operands))
     return tuple(run_fn(*operands) if bool(pred) else skip_fn(*operands))
 
@@ -345,13 +370,6 @@ def _sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     args = t[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """True under torch.export / fake-tensor propagation: no side effects then."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t) or torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 # -- the router in a routed graph: the nodes `route` wrote, as the exporters read them ------------

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from graphopt.blocks import frames_view, insert_tap
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import first
 from graphopt.io import atomic_path
 from graphopt.pass_manager import Analysis, register, rel_error
 
@@ -131,7 +133,7 @@ def block_importance(graph, options: BlockImportanceOptions | None = None) -> Bl
     if not graph.blocks:
         raise GraphoptError("the graph has no blocks left to score")
     harness, skip, tap = _skip_harness(graph)
-    frames_of = _frames_view(graph)
+    frames_of = frames_view(graph)
     t_name, x_name = graph.timestep_input, graph.latent_input
     for name in (t_name, x_name):
         if not isinstance(graph.example_inputs.get(name), torch.Tensor):
@@ -150,12 +152,12 @@ def block_importance(graph, options: BlockImportanceOptions | None = None) -> Bl
                 ex = graph.example_inputs[t_name]
                 inputs = {**graph.example_inputs, x_name: x, t_name: torch.full_like(ex, t)}
                 skip.zero_()
-                y = _first(harness(**inputs))
+                y = first(harness(**inputs))
                 stream = frames_of(tap.value) if frames_of else None
                 for b in range(n):
                     skip.zero_()
                     skip[b] = True
-                    y_b = _first(harness(**inputs))
+                    y_b = first(harness(**inputs))
                     output[b, ti] += rel_error(y_b, y)
                     if stream is not None:
                         s_b = frames_of(tap.value)
@@ -193,45 +195,6 @@ def n_shallow(n_blocks: int, protect_deep: float) -> int:
     return int(math.floor((1.0 - protect_deep) * n_blocks + 1e-9))
 
 
-def skip_blocks(graph, indices) -> fx.GraphModule:
-    """The graph's module with blocks `indices` bypassed, nothing erased (weights shared).
-
-    Every user outside a skipped block that read one of its stream outputs reads the paired stream
-    input instead; the block's own nodes stay (and still run). This is the reference `drop` must
-    equal.
-    """
-    gm = fx.GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
-    bypass_blocks(graph, gm.graph, indices)
-    gm.recompile()
-    return gm
-
-
-def bypass_blocks(graph, fx_graph: fx.Graph, indices) -> dict[str, fx.Node]:
-    """Rewire, in `fx_graph` (the graph's own or a copy), every user outside blocks `indices` that
-    reads one of their stream outputs to the paired stream input; return fx_graph's nodes by name."""
-    nodes = {n.name: n for n in fx_graph.nodes}
-    passes_on = {}                      # bypassed output -> the input it now stands for
-    for i in sorted(set(indices)):
-        if not 0 <= i < len(graph.blocks):
-            raise GraphoptError(f"block {i} does not exist; the model has {len(graph.blocks)} "
-                                f"blocks")
-        block = graph.blocks[i]
-        inside = {nodes[m] for m in block.nodes}
-        for s_in, s_out in zip(block.stream_in, block.stream_out):
-            source = passes_on.get(s_in, nodes[s_in])
-            nodes[s_out].replace_all_uses_with(source, delete_user_cb=lambda u: u not in inside)
-            passes_on[s_out] = source   # consecutive bypassed blocks chain through
-    return nodes
-
-
-class _Tap(torch.nn.Module):
-    """Keeps the last value it saw (the residual stream leaving the last block)."""
-
-    def forward(self, x):
-        self.value = x
-        return x
-
-
 def _skip_harness(graph):
     """(module, skip flags, tap): setting skip[b] makes block b the identity on its stream.
 
@@ -241,13 +204,9 @@ def _skip_harness(graph):
     gm = fx.GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
     skip = torch.zeros(len(graph.blocks), dtype=torch.bool)
     gm.register_buffer("graphopt_skip", skip)
-    gm.add_submodule("graphopt_tap", _Tap())
     nodes = {n.name: n for n in gm.graph.nodes}
     g = gm.graph
-    last = nodes[graph.blocks[-1].stream_out[0]]
-    with g.inserting_after(last):
-        tap = g.call_module("graphopt_tap", (last,))
-    last.replace_all_uses_with(tap, delete_user_cb=lambda u: u is not tap)
+    tap = insert_tap(gm, nodes[graph.blocks[-1].stream_out[0]], "graphopt_tap")
     passes_on = {}                      # stream output -> the selection that replaced it
     for block in graph.blocks:
         inside = {nodes[m] for m in block.nodes}
@@ -265,46 +224,4 @@ def _skip_harness(graph):
             passes_on[s_out] = chosen
     g.lint()
     gm.recompile()
-    return gm, skip, gm.graphopt_tap
-
-
-def _frames_view(graph, block: str | None = None, shape: tuple | None = None):
-    """A function viewing a block's stream (its first output) as (samples, frames, tokens,
-    channels), or None where the layout is unknown or there is a single frame.
-
-    `block` is a block's module path with `shape` its stream's shape (a routed block is no longer
-    in `graph.blocks`); by default the last block of `graph.blocks`."""
-    if graph.token_layout is None:
-        return None
-    frames, h, w = graph.token_layout
-    if frames < 2:
-        return None
-    if block is None:
-        block = graph.blocks[-1].name
-        shape = tuple(graph.node(graph.blocks[-1].stream_out[0]).meta["val"].shape)
-    layout = None
-    if graph.family is not None and graph.spec is not None:
-        layout = graph.family.block_stream(block, graph.config, graph.spec)
-    if layout is None:
-        if len(shape) != 3 or shape[1] != frames * h * w:
-            return None
-        kind, before = "video", 0
-    else:
-        kind, before = layout.kind, layout.text_before
-    if kind == "text":
-        return None
-    tokens = frames * h * w
-
-    def view(s: torch.Tensor) -> torch.Tensor:
-        d = s.shape[-1]
-        if kind == "video":
-            return s[:, before:before + tokens].reshape(s.shape[0], frames, h * w, d)
-        if kind == "frame":
-            return s.reshape(-1, frames, h * w, d)
-        return s.reshape(-1, h * w, frames, d).transpose(1, 2)     # "temporal"
-
-    return view
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return gm, skip, tap

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from graphopt.blocks import bypass_blocks, refuse_routed, skip_blocks
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, register, rel_error
-from graphopt.passes.block_importance import (POLICIES, bypass_blocks, n_shallow, rank_blocks,
-                                              skip_blocks)
+from graphopt.passes.block_importance import POLICIES, n_shallow, rank_blocks
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Drop(Pass):
 
 def drop_blocks(graph, indices) -> None:
     """Remove blocks `indices`: rewire their stream outputs' users to the stream inputs, erase."""
-    _refuse_routed(graph)
+    refuse_routed(graph)
     indices = sorted(set(indices))
     if len(indices) == len(graph.blocks):
         raise GraphoptError("dropping every block leaves no transformer; keep at least one")
@@ -132,11 +130,3 @@ def drop_blocks(graph, indices) -> None:
         is_impure_node=lambda n: n.op in ("placeholder", "output", "call_module") or n.is_impure())
     graph.gm.delete_all_unused_submodules()     # the dropped blocks' weights
     graph.refresh()
-
-
-def _refuse_routed(graph) -> None:
-    from graphopt.router import cond_block
-
-    if any(n.target in (cond_block, torch.ops.higher_order.cond) for n in graph.gm.graph.nodes):
-        raise GraphoptError("this graph is already routed (its blocks run under torch.cond): "
-                            "drop or route blocks before routing, not after")

@@ -50,6 +50,7 @@ from graphopt import headflow
 from graphopt.calibration import (BlockOffload, calibration_inputs, check_calibration,
                                   require_weights)
 from graphopt.errors import GraphoptError
+from graphopt.fxutil import first
 from graphopt.pass_manager import Analysis, register
 from graphopt.passes.head_roles import HeadRoles, HeadRolesOptions, head_roles, heatmap
 
@@ -274,7 +275,7 @@ def _mask_sensitivity(graph, masked, weight: torch.Tensor, prefix: str, count: i
         if method == "taylor":
             for m in masks:
                 m.requires_grad_(True)
-            out = _first(run(x)).float()
+            out = first(run(x)).float()
             total += float(out.detach().double().pow(2).sum())
             for k in range(probes):
                 r = torch.randn(out.shape, generator=generator).to(out.device)
@@ -284,12 +285,12 @@ def _mask_sensitivity(graph, masked, weight: torch.Tensor, prefix: str, count: i
             del out
         else:
             with torch.no_grad():
-                ref = _first(run(x)).float()
+                ref = first(run(x)).float()
                 total += float(ref.double().pow(2).sum())
                 for m, acc in zip(masks, change):
                     for h in range(len(m)):
                         m[h] = 0.0
-                        acc[h] += float((_first(run(x)).float() - ref).double().pow(2).sum())
+                        acc[h] += float((first(run(x)).float() - ref).double().pow(2).sum())
                         m[h] = 1.0
     if total == 0.0:
         raise GraphoptError("the model output is zero on every calibration input: sensitivity "
@@ -370,6 +371,3 @@ def role_aware(sensitivity: dict[str, torch.Tensor], groups: dict[str, list[str]
              for g, v in zip(groups[name], s.tolist())], dtype=torch.float64)
     return out
 
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from graphopt import ffnflow, headflow
+from graphopt import ffnflow, fxutil, headflow
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, register, rel_error
 
@@ -513,7 +513,7 @@ def mask_channels(graph, masks: dict[str, torch.Tensor], gm: fx.GraphModule | No
         buf = f"graphopt_channel_mask_{i}"
         gm.register_buffer(buf, mask.detach().clone().float())
         down = names[flow.down.name]
-        cols = ffnflow._shape(flow.down.args[1])[1]
+        cols = fxutil.shape(flow.down.args[1])[1]
         with g.inserting_before(down):
             vec = g.get_attr(buf)
             if cols != flow.hidden:       # other features share the down projection: scale 1

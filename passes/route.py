@@ -31,13 +31,13 @@ import torch
 from torch import fx
 
 from graphopt import reuse
+from graphopt.blocks import refuse_routed
 from graphopt.cost import model_cost
 from graphopt.errors import GraphoptError
 from graphopt.outline import (check_outlinable, outline, replace_outputs, rows_per_sample,
                               stable_toposort, val)
 from graphopt.pass_manager import Pass, register, rel_error
 from graphopt.passes.block_importance import POLICIES, rank_blocks
-from graphopt.passes.drop import _refuse_routed
 from graphopt.router import MODES, SELECTS, Router, gate_stream, init_logits
 
 aten = torch.ops.aten
@@ -98,7 +98,7 @@ class Route(Pass):
 
     def decide(self, graph) -> dict:
         o = self.options
-        _refuse_routed(graph)
+        refuse_routed(graph)
         n = len(graph.blocks)
         routable = list(o.blocks) if o.blocks is not None else list(range(n))
         bad = [j for j in routable if not 0 <= j < n]
@@ -180,7 +180,7 @@ class Route(Pass):
 
 def route_blocks(graph, decisions: dict) -> Router:
     """Insert the router and outline each routable block into a torch.cond; returns the router."""
-    _refuse_routed(graph)
+    refuse_routed(graph)
     gm, g = graph.gm, graph.gm.graph
     nodes = {n.name: n for n in g.nodes}
     placeholders = {n.name: n for n in g.nodes if n.op == "placeholder"}

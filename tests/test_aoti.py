@@ -117,3 +117,28 @@ def test_export_cli_writes_a_package(tmp_path):
     graph = capture(build_model("wan"))
     inputs = _tensors(graph)
     assert rel_error(model(**inputs).sample, GraphTransformer(graph)(**inputs).sample) < 1e-4
+
+
+def test_force_gates_export_alike_to_aoti_and_onnx(tmp_path):
+    """One rule for both exporters (graphopt.router.for_export): a set force_gates is baked in."""
+    from graphopt.exporters.onnx import export_onnx, load_onnx
+
+    graph = capture(build_model("wan"))
+    Route(budget=1.0).run(graph)                         # the router alone runs every block
+    inputs = _tensors(graph)
+    decided = GraphTransformer(graph)(**inputs, return_dict=False)[0]
+    graph.gm.router.force_gates = torch.tensor([False, True])
+    expected = GraphTransformer(graph)(**inputs, return_dict=False)[0]
+    assert rel_error(expected, decided) > 1e-3           # forcing changes the output
+    aoti = load_aoti(export_aoti(graph, tmp_path / "model.pt2"))
+    onnx = load_onnx(export_onnx(graph, tmp_path / "onnx", layout="single"))
+    for model in (aoti, onnx):
+        assert rel_error(model(**inputs, return_dict=False)[0], expected) < 1e-4
+        assert model.records[-1].executed == (1,) and model.records[-1].skipped == (0,)
+    # One row per sample cannot be baked into an export of another (or a symbolic) batch.
+    graph.gm.router.force_gates = torch.tensor([[False, True], [True, True]])
+    for export in (lambda: export_aoti(graph, tmp_path / "two.pt2"),
+                   lambda: export_onnx(graph, tmp_path / "two", layout="single")):
+        with pytest.raises(GraphoptError, match="force_gates has 2 rows"):
+            export()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "onnx"]

@@ -6,9 +6,9 @@ import torch
 
 from conftest import PRUNE_FAMILIES, random_inputs
 from graphopt import GraphoptError, PassManager, capture, model_cost, rel_error
+from graphopt.blocks import skip_blocks
 from graphopt.families import FAMILIES, build_model
-from graphopt.passes.block_importance import (BlockImportanceOptions, block_importance,
-                                              rank_blocks, skip_blocks)
+from graphopt.passes.block_importance import BlockImportanceOptions, block_importance, rank_blocks
 from graphopt.passes.drop import Drop, drop_blocks
 
 # Dropped sets that cross block kinds: HunyuanVideo's last double and first single block, a Latte

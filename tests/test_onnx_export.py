@@ -1,8 +1,8 @@
 """ONNX export (single file with If, segmented) + onnxruntime vs PyTorch, float32, rel. error < 1e-4.
 
 Fast: the tiny Wan family config (2 blocks) routed, both layouts, forced and router-decided gates;
-HunyuanVideo and LTX-Video routed (segmented); LTX-Video plain (single file); `graphopt export --format trt` end to end on the shipped teacher
-compressed with prune,route. Slow: the shipped teacher routed, both layouts.
+HunyuanVideo and LTX-Video routed (segmented); LTX-Video plain (single file); `graphopt export --format trt`
+end to end on the shipped teacher compressed with prune,route. Slow: the shipped teacher routed, both layouts.
 """
 import numpy as np
 import pytest

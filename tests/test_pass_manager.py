@@ -8,6 +8,7 @@ from graphopt import GraphoptError, PassManager, capture, compress, get_pass
 from graphopt.families import build_model
 from graphopt.pass_manager import Analysis, Pass, available, get_transform
 from graphopt.passes.drop import Drop
+from graphopt.recipe import Recipe
 
 ANALYSES = ["head-roles", "head-importance", "block-importance"]
 TRANSFORMS = ["prune", "drop", "route", "cache"]
@@ -31,6 +32,34 @@ def test_compress_refuses_an_analysis_and_says_how_to_run_it(name, tiny_graphs, 
     assert not (tmp_path / "out").exists()
     with pytest.raises(GraphoptError, match="is an analysis"):
         PassManager([get_pass(name)()])
+
+
+@pytest.mark.parametrize("name", ANALYSES)
+def test_a_recipe_refuses_an_analysis_step(name, tiny_graphs, tmp_path):
+    g = tiny_graphs("wan").copy()
+    step = {"pass": name, "options": {}, "decisions": {}}
+    g.recipe.steps.append(step)
+    g.recipe.save(tmp_path / "recipe.json")
+    one_line = (rf"^recipe '[^']*' step 0: '{name}' is an analysis \(it returns a result and changes "
+                rf"nothing\), not a transform[^\n]*$")
+    with pytest.raises(GraphoptError, match=one_line):
+        Recipe.load(tmp_path / "recipe.json")
+    before = [n.name for n in g.gm.graph.nodes]
+    replayed = rf"^recipe step 0: '{name}' is an analysis[^\n]*not a transform: [^\n]*prune"
+    with pytest.raises(GraphoptError, match=replayed):
+        Recipe(model=g.recipe.model, steps=[step]).replay(g.copy())
+    assert [n.name for n in g.gm.graph.nodes] == before
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_graph_analysis_refuses_a_transform(name, tiny_graphs):
+    g = tiny_graphs("wan").copy()
+    nodes = [n.name for n in g.gm.graph.nodes]
+    with pytest.raises(GraphoptError, match=rf"^'{name}' is a transform \(it changes the graph\), not an "
+                                            rf"analysis[^\n]*the analyses are block-importance, head-importance, "
+                                            rf"head-roles$"):
+        g.analysis(name)
+    assert [n.name for n in g.gm.graph.nodes] == nodes and not g.recipe.steps and not g.reports
 
 
 def test_analysis_changes_nothing(tiny_graphs):

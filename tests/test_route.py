@@ -8,7 +8,7 @@ from torch import fx
 from conftest import PRUNE_FAMILIES, random_inputs
 from graphopt import GraphoptError, PassManager, capture, model_cost, rel_error
 from graphopt.families import FAMILIES, build_model
-from graphopt.passes.block_importance import skip_blocks
+from graphopt.blocks import skip_blocks
 from graphopt.passes.route import Route
 from graphopt.router import cond_block, gate_stream
 

@@ -23,7 +23,7 @@ from graphopt import GraphoptError, capture, compress, rel_error
 from graphopt.distill import distill, distill_config, output_error
 from graphopt.distill.run import eval_batches
 from graphopt.families import FAMILIES, build_model
-from graphopt.passes.block_importance import skip_blocks
+from graphopt.blocks import skip_blocks
 from graphopt.distill.student import GraphPair, block_taps, teacher_graph
 
 REPO = Path(__file__).resolve().parents[1]

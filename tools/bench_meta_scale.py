@@ -84,7 +84,8 @@ def main():
         (p0, p1), (f0, f1) = r["params"], r["flops"]
         print(f"| {r['arch']} | {r['blocks']} | {r['heads']} | {human(p0)} → {human(p1)} "
               f"({p1 / p0:.2f}x) | {human(f0)} → {human(f1)} ({f1 / f0:.2f}x) | "
-              f"{human(BUDGET * f1)} ({BUDGET * f1 / f0:.2f}x) | {r['capture_s']:.1f} s | {r['passes_s']:.1f} s | {r['total_s']:.1f} s | "
+              f"{human(BUDGET * f1)} ({BUDGET * f1 / f0:.2f}x) | {r['capture_s']:.1f} s | "
+              f"{r['passes_s']:.1f} s | {r['total_s']:.1f} s | "
               f"{r['peak_gb']:.2f} GB |")
 
 

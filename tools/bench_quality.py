@@ -423,7 +423,8 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
     if getattr(bed, "reuse_search", None):
         search = bed.reuse_search
         out += ["", f"reuse schedule search (4 calibration conditions, temporal weight {bed.args.temporal_weight:g}, "
-                    f"last {bed.args.last_computes} step(s) computing, max reuse in a row {bed.args.max_reuse}, lazy greedy): {search['model_calls']} model calls; coarse path "
+                    f"last {bed.args.last_computes} step(s) computing, max reuse in a row {bed.args.max_reuse}, "
+                    f"lazy greedy): {search['model_calls']} model calls; coarse path "
                     + " ".join(f"{f:.3f}" for f in search["path"]) + "; each target refined block by block "
                     "within the unit that crosses it."]
     if "prune" in groups:

@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="diffusers FirstBlockCache threshold (default 0.3: equal quality to the reuse schedule)")
     parser.add_argument("--reuse-target", type=float, default=0.5,
                         help="executed-FLOPs fraction the reuse schedule is fitted to (default 0.5)")
-    parser.add_argument("--schedule", type=Path, help="read the schedule ('computes') from this JSON instead of fitting")
+    parser.add_argument("--schedule", type=Path,
+                        help="read the schedule ('computes') from this JSON instead of fitting")
     parser.add_argument("--fit-clips", type=int, default=4, help="calibration conditions the schedule is fitted on")
     parser.add_argument("--clips", type=int, default=16,
-                        help="held-out conditions per run (default 16, as the README quality table; the call batch is 2x)")
+                        help="held-out conditions per run (default 16, as the README quality table; "
+                             "the call batch is 2x)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per run (default 10)")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row, interleaved (median; default 5)")

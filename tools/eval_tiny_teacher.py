@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher, seconds = run(args.steps, args.guidance)
     rows = [("training data (ceiling)", evaluate_clips(config, data.videos, data, reference=data.videos), None),
-            (f"teacher {args.steps} steps, cfg {args.guidance:g}", evaluate_clips(config, teacher, data, reference=teacher), seconds)]
+            (f"teacher {args.steps} steps, cfg {args.guidance:g}",
+             evaluate_clips(config, teacher, data, reference=teacher), seconds)]
     for steps, guidance in ((args.fewer_steps, args.guidance), (args.steps, 1.0)):
         clips, secs = run(steps, guidance)
-        rows.append((f"teacher {steps} steps, cfg {guidance:g}", evaluate_clips(config, clips, data, reference=teacher), secs))
+        rows.append((f"teacher {steps} steps, cfg {guidance:g}",
+                     evaluate_clips(config, clips, data, reference=teacher), secs))
 
     table = Table(title=f"mini-VBench, {args.clips} held-out conditions (fidelity columns: vs the first teacher row)")
     table.add_column("clips")
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(header, justify="right")
     table.add_column("sample s", justify="right")
     for name, scores, secs in rows:
-        table.add_row(name, *[fmt.format(scores[key]) for key, _, fmt in COLUMNS], "" if secs is None else f"{secs:.1f}")
+        table.add_row(name, *[fmt.format(scores[key]) for key, _, fmt in COLUMNS],
+                      "" if secs is None else f"{secs:.1f}")
     Console(width=200).print(table)
     print("command:", " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
 

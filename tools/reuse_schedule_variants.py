@@ -29,12 +29,15 @@ cond = embed_tokens(config, data.tokens)
 t0, c0 = time.perf_counter(), time.process_time()
 found = reuse_schedule_search(routed, teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
                               steps=10, progress=True, **kw)
-print(f"search {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu, {found['model_calls']} calls; path:",
+print(f"search {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu, "
+      f"{found['model_calls']} calls; path:",
       " ".join(f"{p['fraction']:.3f}" for p in found["path"]), flush=True)
 for t, p in zip(targets, found["points"]):
-    print(f"@{t}: frac {p['fraction']:.4f} err {p['error']:.3g}", ["".join("1" if b else "." for b in row) for row in p["computes"].tolist()], flush=True)
+    print(f"@{t}: frac {p['fraction']:.4f} err {p['error']:.3g}",
+          ["".join("1" if b else "." for b in row) for row in p["computes"].tolist()], flush=True)
 Path("out").mkdir(exist_ok=True)
-torch.save({"targets": targets, "points": found["points"], "path": found["path"]}, f"out/exp_{sys.argv[2] if len(sys.argv) > 2 else 'run'}.pt")
+run_name = sys.argv[2] if len(sys.argv) > 2 else "run"
+torch.save({"targets": targets, "points": found["points"], "path": found["path"]}, f"out/exp_{run_name}.pt")
 if not evaluate:
     sys.exit()
 ev = eval_conditions(config, 16)
@@ -46,4 +49,5 @@ for t, p in zip(targets, found["points"]):
     set_reuse_schedule(g, p["computes"], steps=10)
     clips = sample_clips(g, config, ev, **s)
     sc = evaluate_clips(config, clips, ev, reference=ref)
-    print(f"@{t}: frac {p['fraction']:.4f} agg {aggregate_score(sc, ts):.3f} " + " ".join(f"{k[:6]} {v:.4f}" for k, v in sc.items()), flush=True)
+    print(f"@{t}: frac {p['fraction']:.4f} agg {aggregate_score(sc, ts):.3f} "
+          + " ".join(f"{k[:6]} {v:.4f}" for k, v in sc.items()), flush=True)

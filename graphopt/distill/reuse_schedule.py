@@ -76,7 +76,8 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     computing down to the lowest of `targets` (executed FLOPs fractions in (0, 1)). Returns
     {"path": one {"fraction", "error", "computes"} per coarse unit given, "points": one per
     target, in the order given, each the path's last point above it refined block by block to a
-    fraction at most the target, "model_calls": calls of the student the search made}. One search serves several targets; `routed` is left as it was."""
+    fraction at most the target, "model_calls": calls of the student the search made}. One search
+    serves several targets; `routed` is left as it was."""
     router = getattr(routed.gm, "router", None)
     if router is None or router.mode != "schedule" or router.select != "sign" \
             or not hasattr(routed.gm, STATE_MODULE):

@@ -15,7 +15,7 @@ Taps and the block mapping:
   `cond_block` call followed by `gate_stream`, and its tap is that selection: the block's output
   where its gate is on, its input (the stream unchanged) where the block is skipped;
 - each tap is viewed as (batch, frames, tokens_per_frame, dim) from the graph's video token layout
-  (`block_importance._frames_view`); a stream with no known video layout, or a single frame, is one
+  (`graphopt.blocks.frames_view`); a stream with no known video layout, or a single frame, is one
   "frame" of all its tokens.
 
 Routed students, per call of `forward_student`:
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from graphopt.blocks import ValueTap, frames_view, insert_tap
 from graphopt.errors import GraphoptError
-from graphopt.passes.block_importance import _frames_view, _Tap
+from graphopt.fxutil import first
 from graphopt.router import cond_block, gate_stream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,18 +114,11 @@ def block_taps(graph) -> list[Tap]:
     return taps
 
 
-def _tapped_twin(graph, taps: list[Tap]) -> tuple[fx.GraphModule, list[_Tap]]:
+def _tapped_twin(graph, taps: list[Tap]) -> tuple[fx.GraphModule, list[ValueTap]]:
     """A GraphModule sharing graph.gm's parameters whose taps keep each tapped value."""
     twin = fx.GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
     nodes = {n.name: n for n in twin.graph.nodes}
-    modules = []
-    for i, tap in enumerate(taps):
-        target = nodes[tap.node]
-        twin.add_submodule(f"graphopt_tap_{i}", _Tap())
-        with twin.graph.inserting_after(target):
-            call = twin.graph.call_module(f"graphopt_tap_{i}", (target,))
-        target.replace_all_uses_with(call, delete_user_cb=lambda u, call=call: u is not call)
-        modules.append(twin.get_submodule(f"graphopt_tap_{i}"))
+    modules = [insert_tap(twin, nodes[tap.node], f"graphopt_tap_{i}") for i, tap in enumerate(taps)]
     twin.graph.lint()
     twin.recompile()
     return twin, modules
@@ -168,14 +162,14 @@ class GraphPair:
         from graphopt.distill import Outputs
 
         with torch.no_grad():
-            pred = _first(self.teacher(**_cast(self.teacher_graph, inputs)))
+            pred = first(self.teacher(**_cast(self.teacher_graph, inputs)))
         return Outputs(pred=pred.float(), features=_collect(self._teacher_taps, self._teacher_views))
 
     def forward_student(self, inputs: dict, *, hard_gates: bool = False, router_off: bool = False):
         from graphopt.distill import Outputs
 
         with self._router_mode(hard_gates, router_off):
-            pred = _first(self.student(**_cast(self.student_graph, inputs)))
+            pred = first(self.student(**_cast(self.student_graph, inputs)))
             probs = exec_fraction = None
             if self.router is not None and not router_off:
                 probs, exec_fraction = self.router.gate_probs, self.router.exec_fraction
@@ -253,7 +247,7 @@ class GraphPair:
 
 
 def _view(graph, tap: Tap):
-    frames = _frames_view(graph, tap.block, tap.shape)
+    frames = frames_view(graph, tap.block, tap.shape)
     if frames is not None:
         return frames
     if len(tap.shape) != 3:
@@ -262,7 +256,7 @@ def _view(graph, tap: Tap):
     return lambda s: s.unsqueeze(1)         # one "frame" holding every token
 
 
-def _collect(taps: list[_Tap], views) -> list[torch.Tensor]:
+def _collect(taps: list[ValueTap], views) -> list[torch.Tensor]:
     out = []
     for tap, view in zip(taps, views):
         out.append(view(tap.value).float())
@@ -280,7 +274,3 @@ def _cast(graph, inputs: dict) -> dict:
             v = v.to(ref.dtype)
         out[k] = v
     return out
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -116,7 +116,8 @@ class GeneratorConfig:
             if not values or unknown or len(set(values)) != len(values):
                 raise GraphoptError(f"{field}={values}: give distinct names from {tuple(known)}")
         if len(self.colours) < self.max_objects:
-            raise GraphoptError(f"{len(self.colours)} colours for {self.max_objects} objects: objects need distinct colours")
+            raise GraphoptError(f"{len(self.colours)} colours for {self.max_objects} objects: objects need "
+                                f"distinct colours")
         limit = min(self.height, self.width) - self.object_size
         if not self.speeds or any(not 1 <= s <= limit for s in self.speeds):
             raise GraphoptError(f"speeds={self.speeds}: use integers from 1 to {limit} (pixels per frame)")
@@ -256,7 +257,8 @@ def generate(config: GeneratorConfig, num_clips: int, seed: int) -> ClipBatch:
     grid_y, grid_x = np.mgrid[0:H, 0:W]
     area = masks.sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        centroids = np.stack([(masks * grid_y).sum(axis=(-2, -1)) / area, (masks * grid_x).sum(axis=(-2, -1)) / area], -1)
+        centroids = np.stack([(masks * grid_y).sum(axis=(-2, -1)) / area,
+                              (masks * grid_x).sum(axis=(-2, -1)) / area], -1)
 
     absent = ~present
     shapes, colours, directions, speeds = (np.where(absent, -1, a) for a in (shapes, colours, directions, speeds))

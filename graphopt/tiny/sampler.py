@@ -62,11 +62,13 @@ def sample(
     if noise is None:
         noise = initial_noise(batch, video_shape, seed)
     elif noise.shape[0] != batch:
-        raise GraphoptError(f"noise has batch {noise.shape[0]} but encoder_hidden_states has {batch}: give one per clip")
+        raise GraphoptError(f"noise has batch {noise.shape[0]} but encoder_hidden_states has {batch}: "
+                            f"give one per clip")
     latents = noise.to(device=device, dtype=torch.float32)
 
     guided = guidance_scale != 1.0
-    cond = torch.cat([torch.zeros_like(encoder_hidden_states), encoder_hidden_states]) if guided else encoder_hidden_states
+    cond = (torch.cat([torch.zeros_like(encoder_hidden_states), encoder_hidden_states]) if guided
+            else encoder_hidden_states)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(num_steps, device=device)
     for index, t in enumerate(scheduler.timesteps):
