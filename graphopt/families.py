@@ -19,6 +19,7 @@ video token v sits at frame v // (h*w), row (v % (h*w)) // w, column v % w.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -315,35 +316,26 @@ _IMAGE_SPEC = InputSpec(batch=2, frames=1, height=8, width=8, text_len=7)
 
 _TRANSFORMER_BLOCKS_VIDEO = (BlockLayout(r"transformer_blocks\.\d+", "video"),)
 
+_WAN = Family(
+    name="wan",
+    class_names=("WanTransformer3DModel",),
+    tiny_config=MappingProxyType(WAN_TINY),
+    default_spec=_VIDEO_SPEC,
+    latent_layout="BCFHW",
+    text_inputs=("encoder_hidden_states",),
+    patch_size=_patch_list,
+    make_inputs=_wan_inputs,
+    attentions=_WAN_ATTENTIONS,
+    blocks=_WAN_BLOCKS,
+    block_counts=MappingProxyType({"blocks": "num_layers"}),
+)
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family(
-            name="wan",
-            class_names=("WanTransformer3DModel",),
-            tiny_config=MappingProxyType(WAN_TINY),
-            default_spec=_VIDEO_SPEC,
-            latent_layout="BCFHW",
-            text_inputs=("encoder_hidden_states",),
-            patch_size=_patch_list,
-            make_inputs=_wan_inputs,
-            attentions=_WAN_ATTENTIONS,
-            blocks=_WAN_BLOCKS,
-            block_counts=MappingProxyType({"blocks": "num_layers"}),
-        ),
-        Family(
-            name="skyreels-v2",
-            class_names=("SkyReelsV2Transformer3DModel",),
-            tiny_config=MappingProxyType(WAN_TINY),
-            default_spec=_VIDEO_SPEC,
-            latent_layout="BCFHW",
-            text_inputs=("encoder_hidden_states",),
-            patch_size=_patch_list,
-            make_inputs=_wan_inputs,
-            attentions=_WAN_ATTENTIONS,
-            blocks=_WAN_BLOCKS,
-            block_counts=MappingProxyType({"blocks": "num_layers"}),
-        ),
+        _WAN,
+        # SkyReels-V2 is Wan's architecture under another class name (same config keys and inputs).
+        dataclasses.replace(_WAN, name="skyreels-v2", class_names=("SkyReelsV2Transformer3DModel",)),
         Family(
             name="hunyuan-video",
             class_names=("HunyuanVideoTransformer3DModel",),
