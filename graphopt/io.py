@@ -132,9 +132,7 @@ def check_output_dir(path, *, protect=(), overwrite: bool = False) -> Path:
     if os.path.lexists(target) and not target.is_dir():
         raise GraphoptError(f"output folder '{path}' is a file: give a folder path (a new or empty "
                             f"folder, or one graphopt wrote)")
-    above = target.parent
-    while not os.path.lexists(above):
-        above = above.parent
+    above = _nearest_existing_parent(target)
     if not above.is_dir():
         raise GraphoptError(f"output folder '{path}' is under '{above}', which is a file: give a "
                             f"folder path")
@@ -151,6 +149,14 @@ def check_output_dir(path, *, protect=(), overwrite: bool = False) -> Path:
     return target
 
 
+def _nearest_existing_parent(target: Path) -> Path:
+    """The closest folder above `target` that exists (where its missing parents would be made)."""
+    above = target.parent
+    while not os.path.lexists(above):
+        above = above.parent
+    return above
+
+
 def check_output_file(path, *, protect=()) -> Path:
     """The real path of output file `path` (a plot, a JSON report) if graphopt may write it, checked
     before the long work: not a folder, not an input, in a writable folder (made if missing)."""
@@ -162,9 +168,7 @@ def check_output_file(path, *, protect=()) -> Path:
     if target.is_dir():
         raise GraphoptError(f"output file '{path}' is a folder: give a file path, e.g. "
                             f"{Path(path) / 'out.png'}")
-    above = target.parent
-    while not os.path.lexists(above):
-        above = above.parent
+    above = _nearest_existing_parent(target)
     if not above.is_dir():
         raise GraphoptError(f"output file '{path}' is under '{above}', which is a file")
     if not os.access(above, os.W_OK | os.X_OK) or (
