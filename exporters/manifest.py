@@ -33,6 +33,9 @@ The manifest file (all keys required unless marked optional):
         {"kind": "block", "file": "block_00.onnx", "block": 0, "gate": null, "inputs": [...], "outputs": [...]},
         {"kind": "block", "file": "block_01.onnx", "block": 1, "gate": 0, "inputs": [...], "outputs": [...],
          "reuse": {"slots": {"x": "blocks_1_s0"}}},    # optional: a skipped sample gets x + its cached residual
+        {"kind": "block", "file": "block_02.onnx", "block": 2, "gate": 1, "inputs": [...], "outputs": [...],
+         "reuse": {"slots": {"x": "blocks_2_s0"},      # optional, route skip="forecast": that residual
+                   "forecast": {"slopes": {"x": "blocks_2_s0_slope"}, "time": "blocks_2_time"}}},  # extrapolated
         {"kind": "epilogue", "file": "epilogue.onnx", "inputs": [...], "outputs": [...]}
       ]
     }
@@ -44,7 +47,9 @@ manifest's folder. `block` is the block's index in the compressed model (strictl
 Residual reuse (route skip="reuse", the cache pass): the runtime keeps the cache slots on the device,
 one set per cache context, and feeds the prologue `reuse.valid` (bool []: the slots hold this sampling
 run's values; the router then gates freely, else every block runs). A block with `reuse.slots`: where a
-sample's gate is off it gets stream + slot, where on its output, and slot := output − stream. A block
+sample's gate is off it gets stream + slot, where on its output, and slot := output − stream. With
+`reuse.forecast` as well, a skipped sample gets stream + slot + slope·(t − time) (t: its timestep), and
+where it computes, slope := (new slot − slot)/(t − time) (0 while the slots are invalid), time := t. A block
 with `reuse.cache` is the cache pass's run of cached blocks; the runtime decides it once per step on
 the host with the rule's own functions (passes/cache.py `cache_step`).
 

@@ -37,6 +37,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from graphopt.errors import GraphoptError
 from graphopt.fxutil import TORCH_DTYPES
 from graphopt.records import RecentRecords
+from graphopt.router import forecast_residual, residual_slope, sample_time
 from graphopt.exporters.manifest import SegmentedManifest, next_name
 from graphopt.exporters.specs import Segment, TensorSpec, check_call_inputs
 
@@ -254,13 +255,15 @@ class SegmentedModel(TransformerFacade):
                 continue
             reused = {s: k for s, k in entry.get("slots", {}).items() if k is not None}
             cached = {s: slots.get(k, torch.zeros_like(env[s])) for s, k in reused.items()}
+            forecast = self._forecast(entry.get("forecast"), feeds, slots, cached) if reused else None
+            given = forecast["given"] if forecast else cached
             sample_mask = None
             if segment.routed:
                 column = gates[:, segment.gate]
                 if not column.any():
                     skipped.append(segment.block)
                     for s in reused:
-                        env[s] = env[s] + cached[s]
+                        env[s] = env[s] + given[s]
                     continue
                 if not column.all():
                     sample_mask = torch.from_numpy(np.ascontiguousarray(column)).to(self.device)
@@ -270,15 +273,26 @@ class SegmentedModel(TransformerFacade):
                 name = spec.name
                 new = out[next_name(name)]
                 residual = new - env[name] if name in reused else None
+                slope = None
+                if residual is not None and forecast:
+                    slope = residual_slope(residual, cached[name], forecast["elapsed"], 1, torch.tensor(valid))
                 if sample_mask is not None:
                     keep = sample_mask.view((batch,) + (1,) * (new.dim() - 1))
-                    fallback = env[name] + cached[name] if name in reused else env[name]
+                    fallback = env[name] + given[name] if name in reused else env[name]
                     new = torch.where(keep, new, fallback)
                     if residual is not None:
                         residual = torch.where(keep, residual, cached[name])
+                    if slope is not None:
+                        slope = torch.where(keep, slope, forecast["slopes"][name])
                 if residual is not None:
                     slots[reused[name]] = residual
+                if slope is not None:
+                    slots[entry["forecast"]["slopes"][name]] = slope
                 env[name] = new
+            if forecast:
+                now = forecast["now"] if sample_mask is None else torch.where(sample_mask, forecast["now"],
+                                                                              forecast["then"])
+                slots[entry["forecast"]["time"]] = now
             executed.append(segment.block)
         outputs = self.epilogue(env)
         if self.device.type == "cuda":
@@ -294,6 +308,20 @@ class SegmentedModel(TransformerFacade):
             )
         )
         return outputs
+
+    def _forecast(self, entry: Mapping[str, Any] | None, feeds: Mapping[str, torch.Tensor],
+                  slots: dict, cached: Mapping[str, torch.Tensor]) -> dict | None:
+        """A forecasting block's (route skip="forecast") view of its slots: the per-sample timestep now and
+        at its last computation, and what a skipped sample gets per stream (the residual extrapolated)."""
+        if entry is None:
+            return None
+        names = self.manifest.reuse
+        now = sample_time(feeds[names["timestep"]], feeds[names["latent"]]).to(self.device)
+        then = slots.get(entry["time"], torch.zeros_like(now))
+        elapsed = now - then
+        slopes = {s: slots.get(k, torch.zeros_like(cached[s])) for s, k in entry["slopes"].items()}
+        given = {s: forecast_residual(cached[s], slopes[s], elapsed, 1) for s in cached}
+        return {"now": now, "then": then, "elapsed": elapsed, "slopes": slopes, "given": given}
 
     def _cached_blocks(self, runner: BlockRunner, rule: Mapping[str, Any], env: dict[str, torch.Tensor],
                        before: Mapping[str, torch.Tensor], slots: dict, valid: bool) -> bool:

@@ -268,7 +268,11 @@ def _reuse_entry(gm: fx.GraphModule, prev: router.Unit | None, unit: router.Unit
                                     "export with layout='single'")
         return {"cache": rule}
     if any(unit.slots):
-        return {"slots": {stream_of[n]: slot for n, slot in zip(unit.stream_in, unit.slots)}}
+        entry = {"slots": {stream_of[n]: slot for n, slot in zip(unit.stream_in, unit.slots)}}
+        if unit.time is not None:
+            entry["forecast"] = {"slopes": {stream_of[n]: slope for n, slope in zip(unit.stream_in, unit.slopes)},
+                                 "time": unit.time}
+        return entry
     return None
 
 

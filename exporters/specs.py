@@ -78,6 +78,13 @@ class TensorSpec:
         return f"{self.dtype} {list(self.shape)}"
 
 
+def _forecast_entry(entry, slots) -> bool:
+    """A forecasting block's manifest entry names a slope slot per reused stream and one time slot."""
+    return (isinstance(entry, Mapping) and set(entry) == {"slopes", "time"} and isinstance(entry["time"], str)
+            and isinstance(entry["slopes"], Mapping) and isinstance(slots, Mapping)
+            and set(entry["slopes"]) == set(slots))
+
+
 @dataclass(frozen=True)
 class Segment:
     """One ONNX file of the layout. `gate` is the column in `gates` for a routed block, None otherwise."""
@@ -103,9 +110,12 @@ class Segment:
                 raise GraphoptError(f"{where}: a block segment needs a block index >= 0, got {self.block!r}")
         elif self.block is not None or self.gate is not None or self.reuse is not None:
             raise GraphoptError(f"{where}: only block segments carry 'block', 'gate' and 'reuse'")
-        if self.reuse is not None and (not isinstance(self.reuse, Mapping) or len(self.reuse) != 1
-                                       or not {"slots", "cache"} & set(self.reuse)):
-            raise GraphoptError(f"{where}: 'reuse' must be {{\"slots\": [...]}} or {{\"cache\": {{...}}}}, "
+        if self.reuse is not None and (not isinstance(self.reuse, Mapping)
+                                       or set(self.reuse) not in ({"slots"}, {"slots", "forecast"}, {"cache"})
+                                       or "forecast" in self.reuse
+                                       and not _forecast_entry(self.reuse["forecast"], self.reuse["slots"])):
+            raise GraphoptError(f"{where}: 'reuse' must be {{\"slots\": {{...}}}} (with \"forecast\": {{\"slopes\": "
+                                f"{{...}}, \"time\": slot}} for the same streams) or {{\"cache\": {{...}}}}, "
                                 f"got {self.reuse!r}")
         if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int) or self.gate < 0):
             raise GraphoptError(f"{where}: gate column must be an int >= 0 or null, got {self.gate!r}")

@@ -51,6 +51,7 @@ from graphopt.errors import GraphoptError
 from graphopt.fxutil import tracing
 from graphopt.io import atomic_path
 from graphopt.records import RecentRecords
+from graphopt.reuse import pick
 
 MODES = ("mlp", "schedule")
 SELECTS = ("budget", "sign")
@@ -345,6 +346,32 @@ def gate_stream(gates: torch.Tensor, j: int, rows_per_sample: int, block_out: to
     return mixed
 
 
+def sample_time(timestep: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Each sample's timestep (float32, one per sample of `latent`): the clock forecasts run on."""
+    return _per_sample_timestep(timestep, latent.shape[0])
+
+
+def _per_row(elapsed: torch.Tensor, rows_per_sample: int, like: torch.Tensor) -> torch.Tensor:
+    if rows_per_sample > 1:
+        elapsed = elapsed.repeat_interleave(rows_per_sample)
+    return elapsed.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def forecast_residual(residual: torch.Tensor, slope: torch.Tensor, elapsed: torch.Tensor,
+                      rows_per_sample: int) -> torch.Tensor:
+    """The residual a skipped block is forecast to add: its last computed one moved along its
+    slope (change per unit of timestep) by the timestep `elapsed` since then (per sample)."""
+    return residual + slope * _per_row(elapsed, rows_per_sample, slope)
+
+
+def residual_slope(residual: torch.Tensor, last: torch.Tensor, elapsed: torch.Tensor,
+                   rows_per_sample: int, valid: torch.Tensor) -> torch.Tensor:
+    """A computed residual's change per unit of timestep since the block last computed
+    (first-order divided difference); zero while the caches hold nothing (`valid` False)."""
+    slope = (residual - last) / _per_row(elapsed, rows_per_sample, residual)
+    return pick(valid, slope, torch.zeros_like(residual))
+
+
 def cond_block(pred: torch.Tensor, run_fn, skip_fn, operands: tuple):
     """torch.cond(pred, run_fn, skip_fn, operands), the form a routed block's call takes.
 
@@ -392,6 +419,10 @@ class Unit:
     # Reuse: per stream, the cache slot a reuse-routed block's skip reads (None: identity skip);
     # `cached`: the cache pass's conditional, decided by its rule (passes/cache.py cache_rule).
     slots: list[str | None] = field(default_factory=list)
+    # Forecast (route skip="forecast"): per stream, the slot of the residual's slope, and the slot
+    # of the per-sample timestep the block last computed at.
+    slopes: list[str | None] = field(default_factory=list)
+    time: str | None = None
     cached: bool = False
 
 
@@ -403,8 +434,6 @@ def units(graph) -> list[Unit]:
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not cond_block:
             continue
-        from graphopt.reuse import pick
-
         name = n.meta.get("graphopt_routed_block", n.name)
         outputs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
         if any(u.target is pick for k in outputs for u in outputs[k].users):
@@ -431,10 +460,10 @@ def units(graph) -> list[Unit]:
             raise GraphoptError(
                 f"routed block '{name}' keeps {rows} stream rows per sample; the segmented layout selects "
                 "whole samples along axis 0 of the stream: use layout='single'")
-        stream_in, slots = zip(*(_skip_source(m.args[4]) for m in mixed))
+        stream_in, slots, slopes, times = zip(*(_skip_source(m.args[4]) for m in mixed))
         units.append(Unit(-1, name, n, list(stream_in), mixed, gate=gate,
                            body=getattr(gm, n.args[1].target), operands=list(n.args[3]),
-                           slots=list(slots)))
+                           slots=list(slots), slopes=list(slopes), time=times[0]))
     for block in graph.blocks:
         members = graph._nodes(block.nodes)
         units.append(Unit(-1, block.name, members[0], [graph.node(s) for s in block.stream_in],
@@ -445,17 +474,27 @@ def units(graph) -> list[Unit]:
     return units
 
 
-def _skip_source(fallback: fx.Node) -> tuple[fx.Node, str | None]:
-    """(the stream entering a routed block, the cache slot its skip adds) from what a skipped
-    sample gets: the stream itself, or with reuse add(stream, read(slot))."""
+def _skip_source(fallback: fx.Node) -> tuple[fx.Node, str | None, str | None, str | None]:
+    """(the stream entering a routed block, the cache slot its skip adds, the slot of that
+    residual's slope, the slot of the block's last timestep) from what a skipped sample gets: the
+    stream itself, with reuse add(stream, read(slot)), with forecast add(stream,
+    forecast_residual(read(slot), read(slope), now − read(time), rows))."""
     from graphopt.reuse import STATE_MODULE
 
+    def slot(node):
+        if isinstance(node, fx.Node) and node.op == "call_module" and node.target == STATE_MODULE \
+                and node.args[0] == "read":
+            return node.args[1]
+        return None
+
     if fallback.op == "call_function" and fallback.target is torch.ops.aten.add.Tensor:
-        cached = fallback.args[1]
-        if isinstance(cached, fx.Node) and cached.op == "call_module" \
-                and cached.target == STATE_MODULE and cached.args[0] == "read":
-            return fallback.args[0], cached.args[1]
-    return fallback, None
+        stream, given = fallback.args[:2]
+        if slot(given) is not None:
+            return stream, slot(given), None, None
+        if isinstance(given, fx.Node) and given.target is forecast_residual:
+            residual, slope, elapsed = given.args[:3]
+            return stream, slot(residual), slot(slope), slot(elapsed.args[1])
+    return fallback, None, None, None
 
 
 def gates_node(graph) -> fx.Node:

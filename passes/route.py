@@ -38,10 +38,11 @@ from graphopt.outline import (check_outlinable, outline, replace_outputs, rows_p
                               stable_toposort, val)
 from graphopt.pass_manager import Pass, register, rel_error
 from graphopt.passes.block_importance import POLICIES, rank_blocks
-from graphopt.router import MODES, SELECTS, Router, gate_stream, init_logits
+from graphopt.router import (MODES, SELECTS, Router, forecast_residual, gate_stream, init_logits,
+                             residual_slope, sample_time)
 
 aten = torch.ops.aten
-SKIPS = ("identity", "reuse")
+SKIPS = ("identity", "reuse", "forecast")
 
 
 @dataclass
@@ -58,8 +59,10 @@ class RouteOptions:
     # The static ranking the router starts from (routable block indices, most important first),
     # given: no block importance is computed, so this is how a meta-device graph is routed.
     ranking: tuple[int, ...] | None = None
-    # What a skipped block gives back: its input ("identity", PARE), or its input plus the residual
-    # it added the last time it ran for that sample ("reuse", as diffusers' caches do).
+    # What a skipped block gives back: its input ("identity", PARE), its input plus the residual
+    # it added the last time it ran for that sample ("reuse", as diffusers' caches do), or plus
+    # that residual extrapolated along its change between the last two runs ("forecast", as
+    # TaylorSeer's first order does, on the timestep clock).
     skip: str = "identity"
     select: str = "budget"             # inference gates: top blocks that fit, or also ℓ > 0 only
 
@@ -159,7 +162,9 @@ class Route(Pass):
     def describe(self, decisions: dict) -> list[str]:
         first = decisions["ranking"] if decisions["mode"] == "mlp" else decisions["ranking"][0]
         skip = decisions.get("skip", "identity")
-        gives = "its cached residual" if skip == "reuse" else "its input unchanged"
+        gives = {"reuse": "its cached residual",
+                 "forecast": "its cached residual extrapolated along its last change"}.get(
+            skip, "its input unchanged")
         return [f"- routed {len(decisions['blocks'])} of {decisions['n_blocks']} blocks "
                 f"({decisions['mode']} router, budget {decisions['budget']:g} of the FLOPs per "
                 f"step); a skipped block gives back {gives}",
@@ -221,7 +226,8 @@ def route_blocks(graph, decisions: dict) -> Router:
                     select=decisions.get("select", "budget"))
     router.to(next((p.device for p in gm.parameters()), torch.device("cpu"))).eval()
     gm.add_submodule("router", router)
-    reusing = decisions.get("skip", "identity") == "reuse"
+    skip = decisions.get("skip", "identity")
+    reusing = skip != "identity"
     valid = reuse.begin_node(graph) if reusing else None
     args = (timestep, latent) if decisions["mode"] == "schedule" else (timestep, latent, temb,
                                                                         stream)
@@ -229,17 +235,21 @@ def route_blocks(graph, decisions: dict) -> Router:
         call = g.call_module("router", args, {"valid": valid} if reusing else {})
         gates = g.call_function(operator.getitem, (call, 0))
         run = g.call_function(operator.getitem, (call, 1))
+        now = g.call_function(sample_time, (timestep, latent)) if skip == "forecast" else None
     passes_on: dict[str, fx.Node] = {}
     for j in routable:
-        _route_block(gm, graph.blocks[j], position[j], gates, run, latent, passes_on, reusing)
+        _route_block(gm, graph.blocks[j], position[j], gates, run, latent, passes_on, skip,
+                     valid, now)
     stable_toposort(g)
     graph.refresh()
     return router
 
 
-def _route_block(gm, block, p, gates, run, latent, passes_on, reusing) -> None:
+def _route_block(gm, block, p, gates, run, latent, passes_on, skip, valid, now) -> None:
     """Replace block's nodes with cond(run[p], run, skip, operands) and per-sample gating; with
-    reuse, a sample whose gate is off gets stream + the residual cached when it last ran."""
+    reuse, a sample whose gate is off gets stream + the residual cached when it last ran; with
+    forecast, that residual moved along its slope by the timestep elapsed since (the slope and
+    the time of the last run are slots too: `<key>_slope`, `<tag>_time`)."""
     g = gm.graph
     nodes = {n.name: n for n in g.nodes}
     members = [nodes[m] for m in block.nodes]
@@ -253,16 +263,27 @@ def _route_block(gm, block, p, gates, run, latent, passes_on, reusing) -> None:
     label = f"block '{block.name}'"
     mixed = []
     with g.inserting_before(members[0]):
+        if skip == "forecast":
+            then = reuse.read_node(g, f"{tag}_time", now)
+            elapsed = g.call_function(aten.sub.Tensor, (now, then))
+            reuse.write_node(g, f"{tag}_time", g.call_function(gate_stream, (gates, p, 1, now, then)))
         for k, (s_in, out) in enumerate(zip(stream_in, outs)):
             rows = rows_per_sample(val(out).shape[0], val(latent).shape[0], label)
-            if not reusing:
+            if skip == "identity":
                 mixed.append(g.call_function(gate_stream, (gates, p, rows, out, s_in)))
                 continue
             key = f"{tag}_s{k}"
             cached = reuse.read_node(g, key, s_in)
-            fallback = g.call_function(aten.add.Tensor, (s_in, cached))
-            mixed.append(g.call_function(gate_stream, (gates, p, rows, out, fallback)))
             residual = g.call_function(aten.sub.Tensor, (out, s_in))
+            given = cached
+            if skip == "forecast":
+                slope = reuse.read_node(g, f"{key}_slope", s_in)
+                given = g.call_function(forecast_residual, (cached, slope, elapsed, rows))
+                new_slope = g.call_function(residual_slope, (residual, cached, elapsed, rows, valid))
+                reuse.write_node(g, f"{key}_slope",
+                                 g.call_function(gate_stream, (gates, p, rows, new_slope, slope)))
+            fallback = g.call_function(aten.add.Tensor, (s_in, given))
+            mixed.append(g.call_function(gate_stream, (gates, p, rows, out, fallback)))
             kept = g.call_function(gate_stream, (gates, p, rows, residual, cached))
             reuse.write_node(g, key, kept)
     replace_outputs(g, members, stream_out, mixed)

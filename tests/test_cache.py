@@ -225,6 +225,56 @@ def test_reuse_routing_gate_off_gives_input_plus_last_residual(family, models):
         assert rel_error(out, graph(**step2)[0]) > 1e-4      # and reuse did change something
 
 
+@pytest.mark.parametrize("family", ["wan", "hunyuan-video", "latte"])
+def test_forecast_routing_gate_off_extrapolates_the_last_two_residuals(family, models):
+    """skip="forecast": a block skipped at step 3 gives back input + r₂ + (r₂ − r₁)·(t₃ − t₂)/(t₂ − t₁),
+    its last two computed residuals extrapolated on the timestep clock; the oracle edits the original
+    model's graph by hand."""
+    _, graph = models(family)
+    routed = graph.copy()
+    Route(budget=0.6, skip="forecast").run(routed)
+    n, router = len(graph.blocks), routed.gm.router
+    inputs = _conditions(graph, seed=9)
+    t_name, x_name = graph.timestep_input, graph.latent_input
+    times = (900.0, 800.0, 650.0)
+    steps = [{**inputs, t_name: torch.full_like(inputs[t_name], t), x_name: inputs[x_name] * (1 - 0.1 * i) + 0.1 * i}
+             for i, t in enumerate(times)]
+    last = graph.blocks[-1]
+    with torch.no_grad():
+        router.force_gates = True
+        reset_cache(routed)
+        for step in steps[:2]:
+            assert rel_error(routed(**step)[0], graph(**step)[0]) < 1e-6      # all on = the original
+        gates = torch.ones(n, dtype=torch.bool)
+        gates[n - 1] = False
+        router.force_gates = gates
+        out = routed(**steps[2])[0]
+        seen = []
+        for step in steps:
+            rec = _Streams(graph.gm, last.stream_in + last.stream_out)
+            rec.run(*graph.flat_inputs(step))
+            seen.append(rec.seen)
+        (s1, s2, s3), (t1, t2, t3) = seen, times
+
+    def original_with(block_out):
+        """The original model at step 3, the last block's outputs replaced by `block_out(in, out)`."""
+        replaced = {o: block_out(i, o) for i, o in zip(last.stream_in, last.stream_out)}
+
+        class Replace(fx.Interpreter):
+            def run_node(self, node):
+                return replaced[node.name] if node.name in replaced else super().run_node(node)
+
+        with torch.no_grad():
+            return Replace(graph.gm).run(*graph.flat_inputs(steps[2]))[0]
+
+    def forecast(i, o):
+        r1, r2 = s1[o] - s1[i], s2[o] - s2[i]
+        return s3[i] + r2 + (r2 - r1) * (t3 - t2) / (t2 - t1)
+
+    assert rel_error(out, original_with(forecast)) < 1e-5
+    assert rel_error(out, original_with(lambda i, o: s3[i] + s2[o] - s2[i])) > 1e-4   # not plain reuse
+
+
 def test_reuse_routing_exactly_adds_the_cached_residual(models):
     _, graph = models("wan")
     routed = graph.copy()

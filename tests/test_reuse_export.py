@@ -54,9 +54,10 @@ def test_cache_pass_single_file_onnx_equals_eager_over_a_run(wan, tmp_path):
     assert onnx_model.reuse.state()["slots"] == {}
 
 
-def test_reuse_routed_single_file_onnx_equals_eager_over_a_run(wan, tmp_path):
+@pytest.mark.parametrize("skip", ["reuse", "forecast"])
+def test_reuse_routed_single_file_onnx_equals_eager_over_a_run(wan, tmp_path, skip):
     routed = wan.copy()
-    compress(routed, ["route"], {"route": {"budget": 0.6, "skip": "reuse"}})
+    compress(routed, ["route"], {"route": {"budget": 0.6, "skip": skip}})
     onnx_model = _export(routed, tmp_path)
     router = routed.gm.router
     with router.recording() as history:
@@ -80,14 +81,17 @@ def test_cache_pass_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
     assert onnx_model.reuse.state()["slots"] == {}
 
 
-def test_reuse_routed_segmented_onnx_equals_eager_per_sample_and_per_context(tmp_path):
+@pytest.mark.parametrize("skip", ["reuse", "forecast"])
+def test_reuse_routed_segmented_onnx_equals_eager_per_sample_and_per_context(tmp_path, skip):
     """Batch 2 with gates that differ per sample (a skipped sample gets stream + its own cached
-    residual, the other the block's output), CFG as two calls with their own cache states."""
+    residual, or it extrapolated, the other the block's output), CFG as two calls with their own
+    cache states."""
     spec = dataclasses.replace(FAMILIES["wan"].default_spec, batch=2)
     graph = capture(build_model("wan"), spec=spec, dynamic_batch=True)
-    compress(graph, ["route"], {"route": {"budget": 0.6, "skip": "reuse"}})
+    compress(graph, ["route"], {"route": {"budget": 0.6, "skip": skip}})
     onnx_model = _export(graph, tmp_path, layout="segmented")
     assert all(b.reuse["slots"] for b in onnx_model.manifest.blocks)
+    assert all(("forecast" in b.reuse) == (skip == "forecast") for b in onnx_model.manifest.blocks)
     gen = torch.Generator().manual_seed(0)
     inputs = {k: torch.randn(v.shape, generator=gen) if k != graph.timestep_input else v
               for k, v in graph.example_inputs.items() if isinstance(v, torch.Tensor)}
@@ -123,8 +127,9 @@ def test_mag_cache_segmented_onnx_equals_eager_over_a_run(wan, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("passes", [{"cache": {"method": "first-block", "threshold": 0.1}},
-                                    {"route": {"budget": 0.6, "skip": "reuse"}}],
-                         ids=["cache", "route-reuse"])
+                                    {"route": {"budget": 0.6, "skip": "reuse"}},
+                                    {"route": {"budget": 0.6, "skip": "forecast"}}],
+                         ids=["cache", "route-reuse", "route-forecast"])
 def test_reuse_aoti_package_equals_eager_over_a_run(wan, tmp_path, passes):
     """AOTInductor: the lifted state threaded by the loaded package, as in single-file ONNX; its
     records say which blocks computed at each step."""
