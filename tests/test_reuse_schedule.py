@@ -76,3 +76,43 @@ def test_bad_targets_raise(setup, targets):
     graph, routed, cond, search = setup
     with pytest.raises(GraphoptError, match="targets"):
         reuse_schedule_search(routed, graph, cond, targets=targets, **search)
+
+
+@pytest.mark.parametrize("objective", ["mse", "db"])
+def test_timetable_strategy_picks_the_best_whole_step_timetable_then_refines(setup, objective):
+    """The oracle: every whole-step timetable run from scratch, one plain sampling loop each."""
+    from graphopt.distill.reuse_schedule import _Run
+    from graphopt.reuse import reset_cache
+
+    graph, routed, cond, search = setup
+    router, n = routed.gm.router, len(graph.blocks)
+    target = 0.6                                    # 1 of steps 1-3 reused: 0.75; 2: 0.5
+    found = reuse_schedule_search(routed, graph, cond, targets=[target], strategy="timetable",
+                                  objective=objective, **search)
+    noise = torch.randn((1, *search["video_shape"]), generator=torch.Generator().manual_seed(0))
+
+    def final(model, computes=None):
+        run, x = _Run(model, cond, STEPS, 1.0, 1.0), noise
+        reset_cache(routed)
+        for s in range(STEPS):
+            if computes is not None:
+                router.force_gates = computes[s]
+            x = run.step(x, s)
+        router.force_gates = None
+        return x.clamp(-1, 1)
+
+    with torch.no_grad():
+        reference = final(graph)
+        scores = {}
+        for reused in range(1, STEPS):
+            computes = torch.tensor([[s != reused] * n for s in range(STEPS)])
+            d = (final(routed, computes) - reference).square().flatten(1).mean(1)
+            scores[reused] = float(d.mean() if objective == "mse" else (10 * d.log10()).mean())
+    best = min(scores, key=scores.get)
+    point = found["points"][0]
+    assert torch.equal(point["timetable"], torch.tensor([[s != best] * n for s in range(STEPS)]))
+    assert point["timetable_error"] == pytest.approx(scores[best], rel=1e-4)
+    block_share = float(router.cost.max()) / STEPS
+    assert target - block_share - 1e-9 <= point["fraction"] <= target
+    assert not (point["computes"] & ~point["timetable"]).any()      # refining only turns blocks off
+    assert point["computes"][0].all()

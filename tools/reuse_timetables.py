@@ -5,6 +5,7 @@ shape: it skips all blocks or none); step 0 always computes.
 
     python tools/reuse_timetables.py --reuse 5                  # all C(9, 5) timetables, 4 calibration conditions
     python tools/reuse_timetables.py --score 2-3-5-7-9 3-4-6-7-9  # these on the 16 held-out conditions
+    python tools/reuse_timetables.py --skip forecast ...          # skipped steps forecast the residual
 
 Calibration columns: MSE of the final clips vs the teacher's (the search's default objective), the mean
 per-clip MSE in dB (what the benchmark's PSNR column averages), and mini-VBench's temporal flicker.
@@ -35,12 +36,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="timetables printed per ordering")
     parser.add_argument("--score", nargs="*", default=[], help="timetables (reused steps, e.g. 2-3-5-7-9) to score "
                                                                 "on the held-out conditions instead")
+    parser.add_argument("--skip", default="reuse", choices=("reuse", "forecast"),
+                        help="what a reused step gives back: the cached residual, or it extrapolated")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     teacher, config = capture_teacher()
     routed = teacher.copy()
-    compress(routed, ["route"], {"route": {"mode": "schedule", "skip": "reuse", "select": "sign", "budget": 1.0,
+    compress(routed, ["route"], {"route": {"mode": "schedule", "skip": args.skip, "select": "sign", "budget": 1.0,
                                            "timestep_bins": 1000, "ranking": list(range(len(teacher.blocks)))}})
     n = len(teacher.blocks)
     if args.score:
