@@ -17,7 +17,10 @@ Row groups (--rows, default all), one builder each in ROW_BUILDERS:
 - reuse ("graphopt dynamic"): residual reuse in the graph, no weight training: the cache pass
   (FirstBlockCache, and MagCache with the caches' calibrated ratios, compiled into the graph) and a
   learned reuse schedule (route skip=reuse; which block half recomputes at which step, searched on
-  unrolled runs of 4 calibration conditions) at each --reuse-targets executed fraction;
+  unrolled runs of 4 calibration conditions) at each --reuse-targets executed fraction; and a
+  forecast timetable (route skip=forecast: a skipped block gives back its last residual extrapolated
+  along its last change; the best whole-step timetable by mean per-clip dB, refined block by block)
+  at each --forecast-targets fraction;
 - and each prune/drop/route row after --distill-steps of distillation (graphopt.distill: output +
   ICD losses, and the router budget loss for the routed row) on the generator's clips.
 
@@ -238,9 +241,10 @@ def route_rows(bed: Testbed) -> list[Row]:
 
 def reuse_rows(bed: Testbed) -> list[Row]:
     """graphopt's reuse in the graph: the cache pass (FirstBlockCache and MagCache compiled in: the
-    same clips as diffusers' hooks), and a learned reuse schedule (route skip=reuse, a per-step, per-block-half
+    same clips as diffusers' hooks), a learned reuse schedule (route skip=reuse, a per-step, per-block-half
     schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
-    --reuse-targets executed fraction; no training of the weights."""
+    --reuse-targets executed fraction, and a forecast timetable (route skip=forecast, the timetable search
+    on per-clip dB) at each --forecast-targets fraction; no training of the weights."""
     from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
     from graphopt.tiny import embed_tokens
 
@@ -251,25 +255,30 @@ def reuse_rows(bed: Testbed) -> list[Row]:
         graph = bed.teacher.copy()
         compress(graph, ["cache"], {"cache": {"method": method, "threshold": t, **extra}})
         rows.append(Row(f"graphopt cache {method} {t:g}", "reuse", "graphopt dynamic", graph, timed=False))
-    targets = [float(t) for t in bed.args.reuse_targets.split(",") if t]
-    if not targets:
-        return rows
-    routed = bed.teacher.copy()
-    compress(routed, ["route"], {"route": {"mode": "schedule", "skip": "reuse", "select": "sign",
-                                           "budget": 1.0, "timestep_bins": 1000,
-                                           "ranking": list(range(len(bed.teacher.blocks)))}})
     data = generate(bed.config, 4, seed=CALIBRATION_SEED)
     cond = embed_tokens(bed.config, data.tokens)
-    found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
-                                  steps=bed.args.steps, guidance=bed.args.guidance,
-                                  temporal_weight=bed.args.temporal_weight,
-                                  last_computes=bed.args.last_computes, max_reuse=bed.args.max_reuse,
-                                  progress=True)
-    bed.reuse_search = {"model_calls": found["model_calls"], "path": [p["fraction"] for p in found["path"]]}
-    for t, point in zip(targets, found["points"]):
-        graph = routed.copy()
-        set_reuse_schedule(graph, point["computes"], steps=bed.args.steps)
-        rows.append(Row(f"reuse schedule @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
+    a = bed.args
+    searches = [("reuse", "greedy", "mse", a.max_reuse, a.reuse_targets, "reuse schedule"),
+                ("forecast", "timetable", "db", a.forecast_max_reuse, a.forecast_targets, "forecast timetable")]
+    bed.reuse_search = {}
+    for skip, strategy, objective, max_reuse, targets, label in searches:
+        targets = [float(t) for t in targets.split(",") if t]
+        if not targets:
+            continue
+        routed = bed.teacher.copy()
+        compress(routed, ["route"], {"route": {"mode": "schedule", "skip": skip, "select": "sign",
+                                               "budget": 1.0, "timestep_bins": 1000,
+                                               "ranking": list(range(len(bed.teacher.blocks)))}})
+        found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
+                                      steps=a.steps, guidance=a.guidance, temporal_weight=a.temporal_weight,
+                                      last_computes=a.last_computes, max_reuse=max_reuse, strategy=strategy,
+                                      objective=objective, progress=True)
+        bed.reuse_search[label] = {"model_calls": found["model_calls"], "max_reuse": max_reuse,
+                                   "path": [p["fraction"] for p in found["path"]]}
+        for t, point in zip(targets, found["points"]):
+            graph = routed.copy()
+            set_reuse_schedule(graph, point["computes"], steps=a.steps)
+            rows.append(Row(f"{label} @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
     return rows
 
 
@@ -420,13 +429,20 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
                 "attn2), so no hook is installed. The two other TaylorSeer rows name the modules: attn1, attn2 "
                 "and ffn of every block, refreshed every 2nd step after 3 warm-up steps; lite mode (block outputs "
                 "skipped, proj_out predicted)."]
-    if getattr(bed, "reuse_search", None):
-        search = bed.reuse_search
-        out += ["", f"reuse schedule search (4 calibration conditions, temporal weight {bed.args.temporal_weight:g}, "
-                    f"last {bed.args.last_computes} step(s) computing, max reuse in a row {bed.args.max_reuse}, "
-                    f"lazy greedy): {search['model_calls']} model calls; coarse path "
+    searches = getattr(bed, "reuse_search", {})
+    if "reuse schedule" in searches:
+        search = searches["reuse schedule"]
+        out += ["", f"reuse schedule search (route skip=reuse; 4 calibration conditions, pooled MSE, temporal weight "
+                    f"{bed.args.temporal_weight:g}, last {bed.args.last_computes} step(s) computing, max reuse in a "
+                    f"row {search['max_reuse']}, lazy greedy): {search['model_calls']} model calls; coarse path "
                     + " ".join(f"{f:.3f}" for f in search["path"]) + "; each target refined block by block "
                     "within the unit that crosses it."]
+    if "forecast timetable" in searches:
+        search = searches["forecast timetable"]
+        out += ["", f"forecast timetable search (route skip=forecast: a skipped block's last residual extrapolated "
+                    f"along its last change; 4 calibration conditions, mean per-clip dB, max reuse in a row "
+                    f"{search['max_reuse']}): {search['model_calls']} model calls; every whole-step timetable with "
+                    "the most skipped steps above each target, the best refined block by block over its steps."]
     if "prune" in groups:
         counts = bed.roles.counts()
         out += ["", f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
@@ -459,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-targets", default="0.5,0.35,0.25",
                         help="executed-FLOPs fractions of the learned reuse-schedule rows")
+    parser.add_argument("--forecast-targets", default="0.5",
+                        help="executed-FLOPs fractions of the forecast-timetable rows (route skip=forecast)")
+    parser.add_argument("--forecast-max-reuse", type=int, default=2,
+                        help="forecast timetable search: most steps in a row a block may forecast")
     parser.add_argument("--temporal-weight", type=float, default=0.0,
                         help="reuse schedule search: weight of the error's mean frame-to-frame change")
     parser.add_argument("--last-computes", type=int, default=0,
