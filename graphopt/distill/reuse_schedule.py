@@ -158,13 +158,16 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         until the run's fraction is at most `target`: lands within one block of it, not one unit."""
         computes, cells = computes.clone(), list(cells)
         while _fraction(router, computes) > target:
-            if not cells:
+            if not any(allowed(computes, s, [b]) for s, b in cells):
                 raise GraphoptError(
                     f"reuse schedule target {target} is below what reuse reaches here "
                     f"({_fraction(router, computes):.3f}: the first and the last {last_computes} "
-                    f"step(s) compute); raise the target or lower last_computes")
+                    f"step(s) compute, at most {max_reuse} reuse(s) in a row); raise the target, "
+                    f"lower last_computes or raise max_reuse")
             scored = []
             for s, b in cells:
+                if not allowed(computes, s, [b]):
+                    continue
                 trial = computes.clone()
                 trial[s, b] = False
                 scored.append(((resume(trial, s, snapshots) - error) / float(cost[b]), (s, b)))
@@ -219,7 +222,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         """Every whole-step timetable (all blocks reuse at a step, or none: MagCache's shape) that
         reuses the most steps while staying above `target`, run as a tree of shared prefixes; the
         best is refined block by block, over every step, to at most the target."""
-        free = [s for s in range(1, steps - last_computes)]
+        free = list(range(1, steps - last_computes))
         k = max((k for k in range(len(free) + 1) if whole_steps(set(free[:k])) > target), default=0)
         best = [float("inf"), None]
 
