@@ -18,7 +18,9 @@ when it runs eagerly (the op's autograd rule would re-trace both branches on eve
 skipped block costs one clone.
 
 Guarantee: with every gate forced on (`router.force_gates = True`) the routed graph equals the
-original; a sample whose gate is off gets its stream back unchanged from that block.
+original; a sample whose gate is off gets its stream back unchanged from that block (skip
+"identity"), plus the block's last residual ("reuse"), or plus that residual extrapolated along
+its change between the block's last two runs ("forecast"; slots in graphopt/reuse.py).
 Recorded decisions: routable blocks, router mode/shape/budget/temperature, the init policy and the
 static ranking the router starts from; the router's weights are parameters (saved with the model).
 """
