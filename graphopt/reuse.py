@@ -1,7 +1,7 @@
 """Residual reuse: the explicit state that lets a skipped block give back the residual it added the
 last time it ran, instead of nothing.
 
-A graph that reuses (`route` with `skip="reuse"`, the `cache` pass) reads and writes named cache
+A graph that reuses (`route` with `skip="reuse"` or `"forecast"`, the `cache` pass) reads and writes named cache
 slots through one submodule, `gm.reuse_state` (a `ReuseState`), with three kinds of call node:
 
     valid = reuse_state("begin", timestep, latent)     # 0-dim bool: the slots hold this run's values
