@@ -53,7 +53,8 @@ _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32
                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
 
-def _import_tensorrt() -> Any:
+def import_tensorrt() -> Any:
+    """The tensorrt module, imported on first use; a missing install is a one-line GraphoptError."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -292,7 +293,7 @@ def build_engines(
     options = options or BuildOptions()
     out_dir = Path(out_dir)
     plans = plan_builds(source, out_dir, options)
-    trt = _import_tensorrt()
+    trt = import_tensorrt()
     strongly_typed = options.strongly_typed
     if strongly_typed is None:
         strongly_typed = _version(trt) >= (11, 0)
@@ -387,7 +388,7 @@ class TrtRunner(BlockRunner):
 
     def __init__(self, engine: Any, context: Any, segment: Segment, device: torch.device | str, keepalive: Any = None):
         super().__init__(segment, device)
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         self.engine, self.context = engine, context
         self._keepalive = keepalive  # the runtime/buffer the engine and context borrow from
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -410,7 +411,7 @@ class TrtRunner(BlockRunner):
     @classmethod
     def from_file(cls, path: str | os.PathLike, segment: Segment, device: torch.device | str = "cuda") -> TrtRunner:
         """A runner owning its own activation memory (e.g. the single-file If layout's one engine)."""
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = _deserialize(runtime, Path(path))
         return cls(engine, engine.create_execution_context(), segment, device, keepalive=runtime)
@@ -447,7 +448,7 @@ class TensorRTBackend:
         self.activation_bytes = 0
 
     def load(self, manifest: SegmentedManifest, device: torch.device) -> list[BlockRunner]:
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         device = torch.device(device)
         if device.type != "cuda":
             raise GraphoptError(f"TensorRT engines run on a CUDA device, not {device}")

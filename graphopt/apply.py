@@ -246,7 +246,7 @@ class Plan:
 
 def plan(recipe, weights) -> Plan:
     """What `apply_recipe` will write, decided on the meta device; nothing is read but headers."""
-    from graphopt.capture import _read_config
+    from graphopt.capture import read_config
     from graphopt.pass_manager import get_pass
     from graphopt.recipe import Recipe
 
@@ -255,7 +255,7 @@ def plan(recipe, weights) -> Plan:
     if not weights.is_dir():
         raise GraphoptError(f"weights folder '{weights}' not found: give the diffusers model "
                             f"folder (config.json + *.safetensors)")
-    source_config = _read_config(weights)
+    source_config = read_config(weights)
     _check_same_architecture(recipe.model, source_config, weights)
     stored = checkpoint_tensors(weights)
 

@@ -191,7 +191,7 @@ def bench(original, compressed, *, backends=DEFAULT_BACKENDS, steps: int = 4, re
                 for role, graph in (("original", original), ("compressed", compressed)):
                     given = (onnx_models or {}).get(role) if backend == "onnxruntime" else None
                     models[backend, role] = given if given is not None else \
-                        _load(backend, graph, Path(tmp) / f"{backend}-{role}")
+                        load_backend(backend, graph, Path(tmp) / f"{backend}-{role}")
             except _Unavailable as e:
                 if explicit:
                     raise GraphoptError(f"backend '{backend}' cannot run: {e}") from None
@@ -235,7 +235,8 @@ class _Unavailable(Exception):
     """A backend that cannot run here (its package is missing); the message says what to install."""
 
 
-def _load(backend: str, graph, where: Path):
+def load_backend(backend: str, graph, where: Path):
+    """`graph` as `backend` runs it ("torch", "aoti", "onnxruntime"; exported into `where`)."""
     from graphopt.dropin import GraphTransformer
 
     device = next((p.device for p in graph.gm.parameters()), torch.device("cpu"))

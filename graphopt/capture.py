@@ -67,7 +67,7 @@ def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
         raise GraphoptError(f"model '{name}' not found: give a diffusers model folder, a .pt2 "
                             f"file from torch.export.save, or one of {shipped_names()}")
     if path.is_dir() and meta:
-        config = _read_config(path)
+        config = read_config(path)
         family = families.family_for(config)
         try:
             return families.build_model(family, config, "meta")
@@ -87,7 +87,8 @@ def load_model(source, *, trust_pickle: bool = False, meta: bool = False):
                         f"(torch.export.save); convert it with torch.export first")
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A diffusers model folder's config.json as a dict (one-line errors for a missing or bad file)."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise GraphoptError(f"'{path}' has no config.json: point at a diffusers model folder "
@@ -107,7 +108,7 @@ def _load_diffusers_folder(path: Path, trust_pickle: bool):
     import diffusers
 
     cfg_file = path / "config.json"
-    config = _read_config(path)
+    config = read_config(path)
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):

@@ -297,7 +297,7 @@ def cmd_export(args) -> int:
         bad = [r.source for r in reports if not r.ok]
         if not bad:
             try:
-                tensorrt._import_tensorrt()
+                tensorrt.import_tensorrt()
             except GraphoptError as e:
                 missing = e
             else:

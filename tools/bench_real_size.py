@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from graphopt import capture, model_cost
-from graphopt.bench import _load, interleaved_latency, workload
+from graphopt.bench import interleaved_latency, load_backend, workload
 from graphopt.describe import human
 from graphopt.dropin import GraphTransformer
 from graphopt.families import build_model
@@ -102,7 +102,7 @@ def load(backend: str, graph, where: Path):
         from graphopt.exporters.onnx import export_onnx, load_onnx
 
         return load_onnx(export_onnx(graph, where, layout="single", dynamic=False))
-    return _load(backend, graph, where)
+    return load_backend(backend, graph, where)
 
 
 def measure(size: str, args) -> list[dict]:
