@@ -381,6 +381,11 @@ def _write_variant(root, tmp_path, edit):
         (lambda d: d["dims"].update(height={"min": 1, "opt": 1, "max": 1}), "no tensor uses"),
         (lambda d: d["dims"]["batch"].update(min=3), "min <= opt <= max"),
         (lambda d: d["segments"].reverse(), "one prologue, the blocks in order, then one epilogue"),
+        (lambda d: d["segments"][2].update(reuse={"slots": {"x": "b_s0"}, "forecast": {"slopes": {"y": "b_d"},
+                                                                                       "time": "b_t"}}),
+         "'reuse' must be .*forecast.* for the same streams"),
+        (lambda d: d["segments"][2].update(reuse={"forecast": {"slopes": {"x": "b_d"}, "time": "b_t"}}),
+         "'reuse' must be"),
     ],
 )
 def test_bad_manifest_is_refused_with_a_named_problem(segmented, tmp_path, edit, message):
