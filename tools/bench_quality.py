@@ -35,7 +35,7 @@ then mini-VBench (graphopt.eval) on --clips held-out conditions, fidelity column
 Writes <out>/bench_quality.md (table, command, notes), <out>/bench_quality.png (clip 0 of every
 row), <out>/pareto.png (aggregate and PSNR against executed FLOPs) and, with --json, every row.
 
-    python tools/bench_quality.py --out out/bench_quality      # everything: ~29 min of 1 core (more when shared)
+    python tools/bench_quality.py --out out/bench_quality      # everything: ~29 min of 1 core before forecast (+~2 min)
     python tools/bench_quality.py --rows caches --clips 16 --json out/bq.json
     python tools/bench_quality.py --rows drop,route --clips 4 --distill-steps 0 --targets 0.5
     python tools/bench_quality.py --rows drop,route --targets 0.7 --recovery 0,100,300,1000 --json out/rec.json
