@@ -244,6 +244,8 @@ class SegmentedModel(TransformerFacade):
         env.update(self.prologue(env))
         batch = int(env[self.manifest.stream[0]].shape[0])
         gates = self._host_gates(env, batch)
+        if self.reuse is not None and not valid and gates is not None:
+            gates = np.ones_like(gates)     # nothing cached yet: every block runs, as in the graph
         executed, skipped = [], []
         before: dict[str, torch.Tensor] = {}        # the streams entering the last block that ran
         for runner in self.blocks:
@@ -256,10 +258,13 @@ class SegmentedModel(TransformerFacade):
             reused = {s: k for s, k in entry.get("slots", {}).items() if k is not None}
             cached = {s: slots.get(k, torch.zeros_like(env[s])) for s, k in reused.items()}
             forecast = self._forecast(entry.get("forecast"), feeds, slots, cached) if reused else None
-            given = forecast["given"] if forecast else cached
+            given = cached
             sample_mask = None
             if segment.routed:
                 column = gates[:, segment.gate]
+                if forecast and not column.all():   # some sample skips: what it gets back
+                    given = {s: forecast_residual(cached[s], forecast["slopes"][s], forecast["elapsed"], 1)
+                             for s in cached}
                 if not column.any():
                     skipped.append(segment.block)
                     for s in reused:
@@ -312,7 +317,7 @@ class SegmentedModel(TransformerFacade):
     def _forecast(self, entry: Mapping[str, Any] | None, feeds: Mapping[str, torch.Tensor],
                   slots: dict, cached: Mapping[str, torch.Tensor]) -> dict | None:
         """A forecasting block's (route skip="forecast") view of its slots: the per-sample timestep now and
-        at its last computation, and what a skipped sample gets per stream (the residual extrapolated)."""
+        at its last computation, the time between, and each stream's slope."""
         if entry is None:
             return None
         names = self.manifest.reuse
@@ -320,8 +325,7 @@ class SegmentedModel(TransformerFacade):
         then = slots.get(entry["time"], torch.zeros_like(now))
         elapsed = now - then
         slopes = {s: slots.get(k, torch.zeros_like(cached[s])) for s, k in entry["slopes"].items()}
-        given = {s: forecast_residual(cached[s], slopes[s], elapsed, 1) for s in cached}
-        return {"now": now, "then": then, "elapsed": elapsed, "slopes": slopes, "given": given}
+        return {"now": now, "then": then, "elapsed": elapsed, "slopes": slopes}
 
     def _cached_blocks(self, runner: BlockRunner, rule: Mapping[str, Any], env: dict[str, torch.Tensor],
                        before: Mapping[str, torch.Tensor], slots: dict, valid: bool) -> bool:

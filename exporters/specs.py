@@ -78,11 +78,11 @@ class TensorSpec:
         return f"{self.dtype} {list(self.shape)}"
 
 
-def _forecast_entry(entry, slots) -> bool:
+def _is_forecast_entry(entry, slots) -> bool:
     """A forecasting block's manifest entry names a slope slot per reused stream and one time slot."""
     return (isinstance(entry, Mapping) and set(entry) == {"slopes", "time"} and isinstance(entry["time"], str)
             and isinstance(entry["slopes"], Mapping) and isinstance(slots, Mapping)
-            and set(entry["slopes"]) == set(slots))
+            and set(entry["slopes"]) == set(slots) and all(isinstance(k, str) for k in entry["slopes"].values()))
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Segment:
         if self.reuse is not None and (not isinstance(self.reuse, Mapping)
                                        or set(self.reuse) not in ({"slots"}, {"slots", "forecast"}, {"cache"})
                                        or "forecast" in self.reuse
-                                       and not _forecast_entry(self.reuse["forecast"], self.reuse["slots"])):
+                                       and not _is_forecast_entry(self.reuse["forecast"], self.reuse["slots"])):
             raise GraphoptError(f"{where}: 'reuse' must be {{\"slots\": {{...}}}} (with \"forecast\": {{\"slopes\": "
                                 f"{{...}}, \"time\": slot}} for the same streams) or {{\"cache\": {{...}}}}, "
                                 f"got {self.reuse!r}")

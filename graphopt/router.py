@@ -354,7 +354,7 @@ def sample_time(timestep: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
 def _per_row(elapsed: torch.Tensor, rows_per_sample: int, like: torch.Tensor) -> torch.Tensor:
     if rows_per_sample > 1:
         elapsed = elapsed.repeat_interleave(rows_per_sample)
-    return elapsed.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+    return elapsed.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def forecast_residual(residual: torch.Tensor, slope: torch.Tensor, elapsed: torch.Tensor,
@@ -367,9 +367,13 @@ def forecast_residual(residual: torch.Tensor, slope: torch.Tensor, elapsed: torc
 def residual_slope(residual: torch.Tensor, last: torch.Tensor, elapsed: torch.Tensor,
                    rows_per_sample: int, valid: torch.Tensor) -> torch.Tensor:
     """A computed residual's change per unit of timestep since the block last computed
-    (first-order divided difference); zero while the caches hold nothing (`valid` False)."""
-    slope = (residual - last) / _per_row(elapsed, rows_per_sample, residual)
-    return pick(valid, slope, torch.zeros_like(residual))
+    (first-order divided difference); zero while the caches hold nothing (`valid` False), and for
+    a sample whose timestep has not moved (a run restarts on the batch's mean timestep)."""
+    per_row = _per_row(elapsed, rows_per_sample, residual)
+    moved = per_row != 0
+    inverse = torch.where(moved, 1 / torch.where(moved, per_row, torch.ones_like(per_row)),
+                          torch.zeros_like(per_row))
+    return pick(valid, (residual - last) * inverse, torch.zeros_like(residual))
 
 
 def cond_block(pred: torch.Tensor, run_fn, skip_fn, operands: tuple):

@@ -275,6 +275,31 @@ def test_forecast_routing_gate_off_extrapolates_the_last_two_residuals(family, m
     assert rel_error(out, original_with(lambda i, o: s3[i] + s2[o] - s2[i])) > 1e-4   # not plain reuse
 
 
+def test_forecast_slope_is_finite_for_a_sample_whose_timestep_did_not_move():
+    """A run goes on while the batch's mean timestep falls, so one sample's own timestep may stand
+    still between two computations: its slope is 0 (plain reuse next), not inf/NaN."""
+    import dataclasses
+
+    from graphopt.families import FAMILIES
+
+    spec = dataclasses.replace(FAMILIES["wan"].default_spec, batch=2)
+    graph = capture(build_model("wan").eval(), spec=spec)
+    routed = graph.copy()
+    Route(budget=0.6, skip="forecast").run(routed)
+    router, n = routed.gm.router, len(graph.blocks)
+    inputs = _conditions(graph, seed=10)
+    t = graph.timestep_input
+    with torch.no_grad():
+        router.force_gates = True
+        for times in ([900.0, 900.0], [900.0, 700.0]):
+            routed(**{**inputs, t: torch.tensor(times)})
+        router.force_gates = torch.zeros(n, dtype=torch.bool)
+        out = routed(**{**inputs, t: torch.tensor([800.0, 600.0])})[0]
+    assert torch.isfinite(out).all()
+    slots = routed.gm.reuse_state.state()["slots"]
+    assert all(torch.isfinite(v).all() for v in slots.values())
+
+
 def test_reuse_routing_exactly_adds_the_cached_residual(models):
     _, graph = models("wan")
     routed = graph.copy()

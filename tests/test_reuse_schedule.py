@@ -116,3 +116,9 @@ def test_timetable_strategy_picks_the_best_whole_step_timetable_then_refines(set
     assert target - block_share - 1e-9 <= point["fraction"] <= target
     assert not (point["computes"] & ~point["timetable"]).any()      # refining only turns blocks off
     assert point["computes"][0].all()
+
+
+def test_the_db_objective_refuses_a_temporal_weight(setup):
+    graph, routed, cond, search = setup
+    with pytest.raises(GraphoptError, match="temporal_weight"):
+        reuse_schedule_search(routed, graph, cond, targets=[0.6], objective="db", temporal_weight=0.1, **search)

@@ -28,7 +28,7 @@ one bad clip dominates. Measured on the shipped teacher (README, "Quality at equ
 route skip="forecast", timetable + db finds a schedule that keeps MagCache's flicker with far
 better PSNR, where the greedy, one unit at a time, strings forecasts over many steps in a row.
 
-The result goes into a schedule-mode router (`route(mode="schedule", skip="reuse", select="sign",
+The result goes into a schedule-mode router (`route(mode="schedule", skip="reuse" or "forecast", select="sign",
 budget=1)`): its table holds +1 where a block computes and −1 where it reuses, for the timestep
 bin of every step (bins between steps take the nearer step's row).
 """
@@ -97,7 +97,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     if router is None or router.mode != "schedule" or router.select != "sign" \
             or not hasattr(routed.gm, STATE_MODULE):
         raise GraphoptError("a reuse schedule needs a graph routed with mode='schedule', "
-                            "skip='reuse', select='sign' (and budget=1)")
+                            "skip='reuse' or 'forecast', select='sign' (and budget=1)")
     targets = [float(t) for t in targets]
     if not targets or not all(router.fixed_share < t < 1.0 for t in targets):
         raise GraphoptError(f"a reuse schedule's targets are executed-FLOPs fractions in "
@@ -115,6 +115,9 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     if strategy not in STRATEGIES or objective not in OBJECTIVES:
         raise GraphoptError(f"reuse schedule strategy must be one of {STRATEGIES} and objective one of "
                             f"{OBJECTIVES}, got {strategy!r}, {objective!r}")
+    if objective == "db" and temporal_weight:
+        raise GraphoptError("temporal_weight weighs a term of the mse objective; the db objective has none: "
+                            "give one or the other")
     members = [list(range(n))[g * n // groups:(g + 1) * n // groups] for g in range(groups)]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((cond.shape[0], *video_shape), generator=gen).float()
@@ -215,7 +218,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
                 best = (stale[u], u)
         return None if best is None else (best[1][0], members[best[1][1]])
 
-    def whole_steps(reused):
+    def whole_step_fraction(reused):
         return _fraction(router, torch.tensor([[s not in reused] * n for s in range(steps)]))
 
     def timetable(target, bar):
@@ -223,7 +226,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         reuses the most steps while staying above `target`, run as a tree of shared prefixes; the
         best is refined block by block, over every step, to at most the target."""
         free = list(range(1, steps - last_computes))
-        k = max((k for k in range(len(free) + 1) if whole_steps(set(free[:k])) > target), default=0)
+        k = max(k for k in range(len(free) + 1) if whole_step_fraction(set(free[:k])) > target)
         best = [float("inf"), None]
 
         def grow(s, x, ctx_slots, last, left, run_length, computes):
