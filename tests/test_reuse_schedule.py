@@ -78,18 +78,40 @@ def test_bad_targets_raise(setup, targets):
         reuse_schedule_search(routed, graph, cond, targets=targets, **search)
 
 
-@pytest.mark.parametrize("objective", ["mse", "db"])
-def test_timetable_strategy_picks_the_best_whole_step_timetable_then_refines(setup, objective):
-    """The oracle: every whole-step timetable run from scratch, one plain sampling loop each."""
+@pytest.fixture(scope="module")
+def two_clips():
+    """Batch 2 (two conditions, no CFG), so the per-clip dB objective differs from pooled MSE."""
+    import dataclasses
+
+    from graphopt.families import FAMILIES
+
+    spec = dataclasses.replace(FAMILIES["wan"].default_spec, batch=2)
+    graph = capture(build_model("wan").eval(), spec=spec)
+    routed = graph.copy()
+    Route(mode="schedule", skip="forecast", select="sign", budget=1.0, timestep_bins=1000).run(routed)
+    cond = torch.randn((2, *graph.example_inputs["encoder_hidden_states"].shape[1:]),
+                       generator=torch.Generator().manual_seed(9))
+    shape = tuple(graph.example_inputs[graph.latent_input].shape[1:])
+    return graph, routed, cond, {"video_shape": shape, "steps": STEPS, "guidance": 1.0}
+
+
+@pytest.mark.parametrize("objective, target, max_reuse", [("mse", 0.6, None), ("db", 0.6, None),
+                                                          ("db", 0.45, None)])
+def test_timetable_strategy_picks_the_best_whole_step_timetable_then_refines(two_clips, objective, target,
+                                                                             max_reuse):
+    """The oracle: every whole-step timetable run from scratch, one plain sampling loop each.
+    Target 0.6: 1 of steps 1-3 skipped (0.75; 2 skipped: 0.52). Target 0.45: 2 skipped, then
+    refined (step 0 computes, so only the third free step's blocks may go)."""
+    import itertools
+
     from graphopt.distill.reuse_schedule import _Run
     from graphopt.reuse import reset_cache
 
-    graph, routed, cond, search = setup
+    graph, routed, cond, search = two_clips
     router, n = routed.gm.router, len(graph.blocks)
-    target = 0.6                                    # 1 of steps 1-3 reused: 0.75; 2: 0.5
     found = reuse_schedule_search(routed, graph, cond, targets=[target], strategy="timetable",
-                                  objective=objective, **search)
-    noise = torch.randn((1, *search["video_shape"]), generator=torch.Generator().manual_seed(0))
+                                  objective=objective, max_reuse=max_reuse, **search)
+    noise = torch.randn((2, *search["video_shape"]), generator=torch.Generator().manual_seed(0))
 
     def final(model, computes=None):
         run, x = _Run(model, cond, STEPS, 1.0, 1.0), noise
@@ -101,16 +123,17 @@ def test_timetable_strategy_picks_the_best_whole_step_timetable_then_refines(set
         router.force_gates = None
         return x.clamp(-1, 1)
 
+    skipped = 1 if target == 0.6 else 2
     with torch.no_grad():
         reference = final(graph)
         scores = {}
-        for reused in range(1, STEPS):
-            computes = torch.tensor([[s != reused] * n for s in range(STEPS)])
+        for reused in itertools.combinations(range(1, STEPS), skipped):
+            computes = torch.tensor([[s not in reused] * n for s in range(STEPS)])
             d = (final(routed, computes) - reference).square().flatten(1).mean(1)
             scores[reused] = float(d.mean() if objective == "mse" else (10 * d.log10()).mean())
     best = min(scores, key=scores.get)
     point = found["points"][0]
-    assert torch.equal(point["timetable"], torch.tensor([[s != best] * n for s in range(STEPS)]))
+    assert torch.equal(point["timetable"], torch.tensor([[s not in best] * n for s in range(STEPS)]))
     assert point["timetable_error"] == pytest.approx(scores[best], rel=1e-4)
     block_share = float(router.cost.max()) / STEPS
     assert target - block_share - 1e-9 <= point["fraction"] <= target
@@ -122,3 +145,11 @@ def test_the_db_objective_refuses_a_temporal_weight(setup):
     graph, routed, cond, search = setup
     with pytest.raises(GraphoptError, match="temporal_weight"):
         reuse_schedule_search(routed, graph, cond, targets=[0.6], objective="db", temporal_weight=0.1, **search)
+
+
+def test_timetable_strategy_keeps_max_reuse_or_says_the_target_is_out_of_reach(two_clips):
+    """Two of steps 1-3 skipped, never two in a row, leaves only steps 1 and 3 (0.52 of the run); a
+    block more at step 2 would reuse three steps in a row, so 0.45 cannot be reached."""
+    graph, routed, cond, search = two_clips
+    with pytest.raises(GraphoptError, match="at most 1 reuse"):
+        reuse_schedule_search(routed, graph, cond, targets=[0.45], strategy="timetable", max_reuse=1, **search)
