@@ -153,3 +153,13 @@ def test_timetable_strategy_keeps_max_reuse_or_says_the_target_is_out_of_reach(t
     graph, routed, cond, search = two_clips
     with pytest.raises(GraphoptError, match="at most 1 reuse"):
         reuse_schedule_search(routed, graph, cond, targets=[0.45], strategy="timetable", max_reuse=1, **search)
+
+
+def test_timetable_targets_with_the_same_skipped_steps_share_one_tree(setup):
+    graph, routed, cond, search = setup
+    alone = [reuse_schedule_search(routed, graph, cond, targets=[t], strategy="timetable", **search)
+             for t in (0.7, 0.6)]                 # both: 1 of steps 1-3 skipped, then refined
+    both = reuse_schedule_search(routed, graph, cond, targets=[0.7, 0.6], strategy="timetable", **search)
+    assert both["model_calls"] < sum(a["model_calls"] for a in alone)
+    for a, point in zip(alone, both["points"]):
+        assert torch.equal(a["points"][0]["computes"], point["computes"])

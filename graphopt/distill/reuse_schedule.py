@@ -227,6 +227,8 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
         best is refined block by block, over every step, to at most the target."""
         free = list(range(1, steps - last_computes))
         k = max(k for k in range(len(free) + 1) if whole_step_fraction(set(free[:k])) > target)
+        if k in best_timetables:            # another target needs the same count of skipped steps
+            return finish(*best_timetables[k], free, target)
         best = [float("inf"), None]
 
         def grow(s, x, ctx_slots, last, left, run_length, computes):
@@ -254,13 +256,18 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
 
         reset_cache(routed)
         grow(0, noise, {}, None, k, 0, torch.ones(steps, n, dtype=torch.bool))
-        computes = best[1]
-        if computes is None:
+        if best[1] is None:
             raise GraphoptError(f"no whole-step timetable reuses {k} of steps {free} with at most "
                                 f"{max_reuse} in a row; raise max_reuse or the target")
+        best_timetables[k] = tuple(best)
+        return finish(*best, free, target)
+
+    def finish(timetable_error, computes, free, target):
+        """The best timetable refined block by block down to `target`."""
         error = resume(computes, 0, snapshots, keep=True)
         cells = [(s, b) for s in free for b in range(n) if computes[s, b]]
-        return {**refine(computes, error, cells, target), "timetable": computes.clone(), "timetable_error": best[0]}
+        return {**refine(computes, error, cells, target), "timetable": computes.clone(),
+                "timetable_error": timetable_error}
 
     computes = torch.ones(steps, n, dtype=torch.bool)
     saved = router.force_gates
@@ -271,6 +278,7 @@ def reuse_schedule_search(routed, teacher, cond: torch.Tensor, *, video_shape, t
     found: dict[float, dict] = {}
     bar = tqdm(desc=f"reuse schedule → {min(targets):.2f}x FLOPs", disable=not progress)
     if strategy == "timetable":
+        best_timetables: dict[int, tuple[float, torch.Tensor]] = {}   # skipped steps → (error, timetable)
         try:
             found = {t: timetable(t, bar) for t in set(targets)}
         finally:
