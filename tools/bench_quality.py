@@ -21,8 +21,12 @@ Row groups (--rows, default all), one builder each in ROW_BUILDERS:
   forecast timetable (route skip=forecast: a skipped block gives back its last residual extrapolated
   along its last change; the best whole-step timetable by mean per-clip dB, refined block by block)
   at each --forecast-targets fraction;
-- and each prune/drop/route row after --distill-steps of distillation (graphopt.distill: output +
-  ICD losses, and the router budget loss for the routed row) on the generator's clips.
+- combo ("graphopt dynamic", not in the default run): static compression under a skip, prune + a reuse
+  schedule to each --reuse-targets fraction of the teacher's FLOPs, and drop one block + the MagCache
+  pass, each before and after distilling the static model;
+- and each row of the --distill-rows groups (default drop, route) after --distill-steps of distillation
+  (graphopt.distill: output + ICD losses, and the router budget loss for the routed row: a router over the
+  teacher's own blocks trains it with the weights from the first step) on the generator's clips.
 
 Columns: FLOPs = what the whole sampling run executed (every step, every call, the CFG pair
 batched), counted by torch's FlopCounterMode (graphopt.yardstick.count_flops) in the same run that
@@ -35,7 +39,8 @@ then mini-VBench (graphopt.eval) on --clips held-out conditions, fidelity column
 Writes <out>/bench_quality.md (table, command, notes), <out>/bench_quality.png (clip 0 of every
 row), <out>/pareto.png (aggregate and PSNR against executed FLOPs) and, with --json, every row.
 
-    python tools/bench_quality.py --out out/bench_quality      # everything: ~29 min of 1 core before forecast (+~2 min)
+    python tools/bench_quality.py --out out/bench_quality      # the default run (< 30 min of 1 core)
+    python tools/bench_quality.py --rows caches,prune,drop,route,reuse,combo --distill-rows prune,drop,route  # long
     python tools/bench_quality.py --rows caches --clips 16 --json out/bq.json
     python tools/bench_quality.py --rows drop,route --clips 4 --distill-steps 0 --targets 0.5
     python tools/bench_quality.py --rows drop,route --targets 0.7 --recovery 0,100,300,1000 --json out/rec.json
@@ -110,6 +115,7 @@ class Testbed:
         self.targets = [float(t) for t in args.targets.split(",") if t]
         self.teacher, self.config = capture_teacher()
         self.sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed}
+        self.reuse_search = {}                      # label -> what a schedule search cost (for the notes)
 
     @cached_property
     def eager_teacher(self):
@@ -245,9 +251,6 @@ def reuse_rows(bed: Testbed) -> list[Row]:
     schedule found by greedy search on unrolled runs of 4 calibration conditions) at each
     --reuse-targets executed fraction, and a forecast timetable (route skip=forecast, the timetable search
     on per-clip dB) at each --forecast-targets fraction; no training of the weights."""
-    from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
-    from graphopt.tiny import embed_tokens
-
     rows = []
     caches = [("first-block", t, {}) for t in (0.3, 0.5)]
     caches += [("mag", t, {"num_inference_steps": bed.args.steps, "mag_ratios": bed.mag_ratios}) for t in (0.4, 0.6)]
@@ -255,51 +258,101 @@ def reuse_rows(bed: Testbed) -> list[Row]:
         graph = bed.teacher.copy()
         compress(graph, ["cache"], {"cache": {"method": method, "threshold": t, **extra}})
         rows.append(Row(f"graphopt cache {method} {t:g}", "reuse", "graphopt dynamic", graph, timed=False))
-    data = generate(bed.config, 4, seed=CALIBRATION_SEED)
-    cond = embed_tokens(bed.config, data.tokens)
     a = bed.args
     searches = [("reuse", "greedy", "mse", a.max_reuse, a.reuse_targets, "reuse schedule"),
                 ("forecast", "timetable", "db", a.forecast_max_reuse, a.forecast_targets, "forecast timetable")]
-    bed.reuse_search = {}
     for skip, strategy, objective, max_reuse, targets, label in searches:
-        targets = [float(t) for t in targets.split(",") if t]
-        if not targets:
-            continue
-        routed = bed.teacher.copy()
-        compress(routed, ["route"], {"route": {"mode": "schedule", "skip": skip, "select": "sign",
-                                               "budget": 1.0, "timestep_bins": 1000,
-                                               "ranking": list(range(len(bed.teacher.blocks)))}})
-        found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:], targets=targets,
-                                      steps=a.steps, guidance=a.guidance, temporal_weight=a.temporal_weight,
-                                      last_computes=a.last_computes, max_reuse=max_reuse, strategy=strategy,
-                                      objective=objective, progress=True)
-        bed.reuse_search[label] = {"model_calls": found["model_calls"], "max_reuse": max_reuse,
-                                   "path": [p["fraction"] for p in found["path"]]}
-        for t, point in zip(targets, found["points"]):
-            graph = routed.copy()
-            set_reuse_schedule(graph, point["computes"], steps=a.steps)
-            rows.append(Row(f"{label} @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
+        rows += schedule_rows(bed, bed.teacher, label, skip=skip, strategy=strategy, objective=objective,
+                              max_reuse=max_reuse, targets=[float(t) for t in targets.split(",") if t])
+    return rows
+
+
+def schedule_rows(bed: Testbed, base, label: str, *, skip: str, strategy: str, objective: str,
+                  max_reuse: int | None, targets: list[float]) -> list[Row]:
+    """`base` (the teacher, or a compressed model) routed with a schedule router and searched, on unrolled
+    runs of 4 calibration conditions against the teacher's clips, to each of `targets` (executed FLOPs
+    relative to the TEACHER; a target base already meets, or that leaves base nothing to skip, is left out)."""
+    from graphopt.distill.reuse_schedule import reuse_schedule_search, set_reuse_schedule
+    from graphopt.tiny import embed_tokens
+
+    a = bed.args
+    scale = flops_ratio(base, bed.teacher)
+    own = [(t, t / scale) for t in targets if t / scale < 1.0]
+    if not own:
+        return []
+    data = generate(bed.config, 4, seed=CALIBRATION_SEED)
+    cond = embed_tokens(bed.config, data.tokens)
+    routed = base.copy()
+    compress(routed, ["route"], {"route": {"mode": "schedule", "skip": skip, "select": "sign",
+                                           "budget": 1.0, "timestep_bins": 1000,
+                                           "ranking": list(range(len(base.blocks)))}})
+    found = reuse_schedule_search(routed, bed.teacher, cond, video_shape=data.videos.shape[1:],
+                                  targets=[o for _, o in own], steps=a.steps, guidance=a.guidance,
+                                  temporal_weight=a.temporal_weight if objective == "mse" else 0.0,
+                                  last_computes=a.last_computes, max_reuse=max_reuse, strategy=strategy,
+                                  objective=objective, progress=True)
+    bed.reuse_search[label] = {"model_calls": found["model_calls"], "max_reuse": max_reuse,
+                               "path": [p["fraction"] for p in found["path"]]}
+    rows = []
+    for (t, _), point in zip(own, found["points"]):
+        graph = routed.copy()
+        set_reuse_schedule(graph, point["computes"], steps=a.steps)
+        rows.append(Row(f"{label} @{t:g}", "reuse", "graphopt dynamic", graph, timed=False))
+    return rows
+
+
+def combo_rows(bed: Testbed) -> list[Row]:
+    """Static compression under a skip: prune (Taylor sensitivity, to --combo-static of the teacher's FLOPs per
+    step) + a reuse schedule searched to each --reuse-targets fraction of the TEACHER's executed FLOPs, and
+    drop (the hierarchical policy's first block) + the MagCache pass; each before and, with --distill-steps,
+    after distilling the static model (the schedule is then searched, and the cache run, on the distilled one)."""
+    a = bed.args
+    t = a.combo_static
+    pruned = pruned_to(bed.teacher, bed.head_scores("sensitivity"), t)
+    ranking = rank_blocks(block_importance(bed.teacher).scores(), "hierarchical", 0.5)
+    dropped = bed.teacher.copy()
+    compress(dropped, ["drop"], {"drop": {"removed": [ranking[-1]]}})
+    versions = [("", pruned, dropped)]
+    if a.distill_steps:
+        versions.append((" + distill", distilled(bed, pruned, a.distill_steps),
+                         distilled(bed, dropped, a.distill_steps)))
+    targets = [float(x) for x in a.reuse_targets.split(",") if x]
+    rows = []
+    for suffix, p, d in versions:
+        rows += schedule_rows(bed, p, f"prune sensitivity @{t:g}{suffix} + reuse schedule", skip="reuse",
+                              strategy="greedy", objective="mse", max_reuse=a.max_reuse, targets=targets)
+        cached = d.copy()
+        compress(cached, ["cache"], {"cache": {"method": "mag", "threshold": 0.4,
+                                                "num_inference_steps": a.steps, "mag_ratios": bed.mag_ratios}})
+        rows.append(Row(f"drop 1 block{suffix} + cache mag 0.4", "combo", "graphopt dynamic", cached, timed=False))
+    for row in rows:
+        row.group = "combo"
     return rows
 
 
 ROW_BUILDERS: dict[str, Callable[[Testbed], list[Row]]] = {
     "caches": cache_rows, "prune": prune_rows, "drop": drop_rows, "route": route_rows,
-    "reuse": reuse_rows}
+    "reuse": reuse_rows, "combo": combo_rows}
+DEFAULT_ROWS = ["caches", "prune", "drop", "route", "reuse"]
 
 
-def distilled_rows(bed: Testbed, rows: list[Row], steps: int) -> list[Row]:
-    """A distilled copy of every row marked `distill` (graphopt.tiny.testbed.distill_settings)."""
+def distilled_rows(bed: Testbed, rows: list[Row], steps: int, groups: list[str]) -> list[Row]:
+    """A distilled copy of every row marked `distill` whose group is in `groups`."""
+    return [Row(f"{row.name} + distill", row.group, f"{row.family} + distill",
+                distilled(bed, row.model, steps, recover_width=row.group != "route"))
+            for row in tqdm([r for r in rows if r.distill and r.group in groups], desc="distilling")]
+
+
+def distilled(bed: Testbed, model, steps: int, *, recover_width: bool = True):
+    """A copy of `model` distilled from the teacher for `steps` steps (graphopt.tiny.testbed.distill_settings)."""
     from graphopt.distill.run import distill
 
-    out = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_distill_data(bed.config, Path(tmp) / "data")
-        for i, row in enumerate(tqdm([r for r in rows if r.distill], desc="distilling")):
-            routed = getattr(row.model.gm, "router", None) is not None
-            settings = distill_settings(data, Path(tmp) / f"run{i}", steps, routed=routed, progress=False)
-            out.append(Row(f"{row.name} + distill", row.group, f"{row.family} + distill",
-                           distill(row.model.copy(), bed.teacher, settings)))
-    return out
+        routed = getattr(model.gm, "router", None) is not None
+        settings = distill_settings(data, Path(tmp) / "run", steps, routed=routed, recover_width=recover_width,
+                                    progress=False)
+        return distill(model.copy(), bed.teacher, settings)
 
 
 def recovery_rows(bed: Testbed, rows: list[Row], checkpoints: list[int]) -> list[Row]:
@@ -313,7 +366,8 @@ def recovery_rows(bed: Testbed, rows: list[Row], checkpoints: list[int]) -> list
         data = write_distill_data(bed.config, Path(tmp) / "data")
         for i, row in enumerate([r for r in rows if r.distill]):
             routed = getattr(row.model.gm, "router", None) is not None
-            settings = distill_settings(data, Path(tmp) / f"run{i}", max(checkpoints), routed=routed)
+            settings = distill_settings(data, Path(tmp) / f"run{i}", max(checkpoints), routed=routed,
+                                        recover_width=row.group != "route")
             settings["run"]["resume"] = True
             settings["run"]["checkpoint_every"] = max(checkpoints)
             for k in checkpoints:
@@ -462,13 +516,18 @@ def write_json(path: Path, results: list[dict], bed: Testbed, command: str) -> N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/bench_quality"))
-    parser.add_argument("--rows", default=",".join(ROW_BUILDERS),
-                        help=f"row groups, comma-separated, from {', '.join(ROW_BUILDERS)} (the teacher always runs)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help=f"row groups, comma-separated, from {', '.join(ROW_BUILDERS)} (the teacher always runs; "
+                             f"default: all but combo)")
     parser.add_argument("--targets", default="0.7,0.5", help="per-step FLOPs ratios, comma-separated")
     parser.add_argument("--clips", type=int, default=16, help="held-out conditions per row")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--distill-steps", type=int, default=60, help="0: no distilled rows")
+    parser.add_argument("--distill-rows", default="drop,route",
+                        help="row groups whose rows also get a distilled copy (prune,drop,route: the long mode)")
+    parser.add_argument("--combo-static", type=float, default=0.85,
+                        help="combo rows: FLOPs per step of the pruned model under the reuse schedule")
     parser.add_argument("--repeats", type=int, default=5, help="latency: interleaved repeats")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads wait on each other)")
@@ -491,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
     groups = [g for g in args.rows.split(",") if g]
-    unknown = [g for g in groups if g not in ROW_BUILDERS]
+    unknown = [g for g in groups + args.distill_rows.split(",") if g and g not in ROW_BUILDERS]
     if unknown:
         parser.error(f"unknown row group(s) {', '.join(unknown)}: choose from {', '.join(ROW_BUILDERS)}")
     if any(int(k) < 0 for k in args.recovery.split(",") if k):
@@ -511,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoints:                     # the curve replaces the rows it follows
         rows = rows[:1] + recovery_rows(bed, rows, checkpoints) + [r for r in rows[1:] if not r.distill]
     elif args.distill_steps:
-        rows += distilled_rows(bed, rows, args.distill_steps)
+        rows += distilled_rows(bed, rows, args.distill_steps, [g for g in args.distill_rows.split(",") if g])
     results, grid = measure(bed, rows, args.clips)
     teacher_call_s = add_latency(bed, rows, results, args.repeats)
 

@@ -79,12 +79,14 @@ def write_distill_data(config: GeneratorConfig, folder: str | Path, *, clips: in
 
 
 def distill_settings(data_folder: str | Path, run_dir: str | Path, steps: int, *, routed: bool,
-                     progress: bool = True) -> dict:
+                     recover_width: bool = True, progress: bool = True) -> dict:
     """A `graphopt.distill` config (TOML-shaped dict) for a student of the tiny teacher: output + ICD
     losses (no MCA: on a 1 M-parameter model the adversarial term swamps the output loss) on
     `data_folder` (`write_distill_data`), noise levels drawn as the teacher's were; a routed student
-    spends the second half of the steps training its router under the budget loss."""
-    stage2 = steps - steps // 2 if routed else 0
+    spends the second half of the steps training its router under the budget loss, or every step when
+    there is no width to recover first (`recover_width=False`: the teacher's own blocks under a router,
+    where stage 1, gates on, would match the teacher exactly and learn nothing)."""
+    stage2 = (steps - steps // 2 if recover_width else steps) if routed else 0
     return {"run": {"seed": 0, "checkpoint_every": max(steps, 1), "device": "cpu", "output_dir": str(run_dir),
                     "resume": False, "progress": progress},
             "data": {"folder": str(data_folder), "batch_size": 8, "timestep_sampling": "logit_normal",
