@@ -203,9 +203,10 @@ def _bench_quality():
     return sys.modules["bench_quality"]
 
 
-def test_bench_quality_rejects_unknown_row_group(capsys):
+@pytest.mark.parametrize("option", ["--rows", "--distill-rows"])
+def test_bench_quality_rejects_unknown_row_group(capsys, option):
     with pytest.raises(SystemExit) as exit_info:
-        _bench_quality().main(["--rows", "caches,nope"])
+        _bench_quality().main([option, "caches,nope"])
     assert exit_info.value.code == 2
     assert "unknown row group(s) nope: choose from caches, prune, drop, route" in capsys.readouterr().err
 

@@ -351,7 +351,7 @@ def distilled(bed: Testbed, model, steps: int, *, recover_width: bool = True):
         data = write_distill_data(bed.config, Path(tmp) / "data")
         routed = getattr(model.gm, "router", None) is not None
         settings = distill_settings(data, Path(tmp) / "run", steps, routed=routed, recover_width=recover_width,
-                                    progress=False)
+                                    lr=bed.args.distill_lr, progress=False)
         return distill(model.copy(), bed.teacher, settings)
 
 
@@ -367,7 +367,7 @@ def recovery_rows(bed: Testbed, rows: list[Row], checkpoints: list[int]) -> list
         for i, row in enumerate([r for r in rows if r.distill]):
             routed = getattr(row.model.gm, "router", None) is not None
             settings = distill_settings(data, Path(tmp) / f"run{i}", max(checkpoints), routed=routed,
-                                        recover_width=row.group != "route")
+                                        recover_width=row.group != "route", lr=bed.args.distill_lr)
             settings["run"]["resume"] = True
             settings["run"]["checkpoint_every"] = max(checkpoints)
             for k in checkpoints:
@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--distill-steps", type=int, default=60, help="0: no distilled rows")
+    parser.add_argument("--distill-lr", type=float, default=3e-4, help="the student's peak learning rate (cosine)")
     parser.add_argument("--distill-rows", default="drop,route",
                         help="row groups whose rows also get a distilled copy (prune,drop,route: the long mode)")
     parser.add_argument("--combo-static", type=float, default=0.85,

@@ -79,7 +79,7 @@ def write_distill_data(config: GeneratorConfig, folder: str | Path, *, clips: in
 
 
 def distill_settings(data_folder: str | Path, run_dir: str | Path, steps: int, *, routed: bool,
-                     recover_width: bool = True, progress: bool = True) -> dict:
+                     recover_width: bool = True, lr: float = 3e-4, progress: bool = True) -> dict:
     """A `graphopt.distill` config (TOML-shaped dict) for a student of the tiny teacher: output + ICD
     losses (no MCA: on a 1 M-parameter model the adversarial term swamps the output loss) on
     `data_folder` (`write_distill_data`), noise levels drawn as the teacher's were; a routed student
@@ -93,7 +93,7 @@ def distill_settings(data_folder: str | Path, run_dir: str | Path, steps: int, *
                      "shift": 3.0},
             "stage1": {"steps": steps - stage2}, "stage2": {"steps": stage2},
             "loss": {"output_weight": 1.0, "icd_weight": 0.1, "mca_weight": 0.0},
-            "optim": {"student": {"lr": 3e-4, "schedule": "cosine"}, "router": {"lr": 1e-2}}}
+            "optim": {"student": {"lr": lr, "schedule": "cosine"}, "router": {"lr": 1e-2}}}
 
 
 def eval_conditions(config: GeneratorConfig, clips: int) -> ClipBatch:
