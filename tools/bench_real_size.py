@@ -28,6 +28,7 @@ onnxruntime single-file export, AOTInductor on request):
     nice -n 10 python tools/bench_real_size.py [--sizes 1.3b 14b] [--backends torch onnxruntime]
         [--blocks 2] [--steps 3] [--repeats 3] [--threads 2] [--json PATH]
     python tools/bench_real_size.py --full-size-flops   # prune FLOPs on the whole architectures
+    python tools/bench_real_size.py --sizes 1.3b --threads 1 --profile-onnxruntime   # per-op kernel time
 """
 import argparse
 import json
@@ -153,6 +154,45 @@ def measure(size: str, args) -> list[dict]:
     return results
 
 
+def profile_onnxruntime(size: str, args) -> str:
+    """Kernel time per op type (onnxruntime's profiler, two whole runs of `args.steps` calls each) of the
+    original and of every "all on" twin: where an overhead sits, op type by op type."""
+    import collections
+
+    import onnxruntime as ort
+
+    from graphopt.exporters.onnx import export_onnx, load_onnx
+
+    config, spec = SIZES[size]
+    graph = capture(build_model("wan", {**config, "num_layers": args.blocks}), spec=spec)
+    built = rows(graph, args.blocks, args.cache_threshold)
+    names = ["original"] + [n for n in built if n.endswith("all on")]
+    work = workload(graph, args.steps)
+    kernels = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.enable_profiling = True
+            options.profile_file_prefix = f"{tmp}/profile{i}"
+            model = load_onnx(export_onnx(built[name][0], Path(tmp) / f"m{i}", layout="single", dynamic=False),
+                              session_options=options)
+            work.run(model)
+            work.run(model)
+            events = json.loads(Path(model.runner.session.end_profiling()).read_text())
+            per_op = collections.Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    per_op[e["args"]["op_name"]] += e["dur"] / 1e3
+            per_op["(model run)"] = sum(e["dur"] for e in events
+                                        if e.get("cat") == "Session" and e["name"] == "model_run") / 1e3
+            kernels[name] = per_op
+    ops = sorted(kernels["original"] | kernels[names[-1]], key=lambda o: -max(k[o] for k in kernels.values()))[:12]
+    lines = ["| op type (ms, 2 runs) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {op} | " + " | ".join(f"{kernels[n][op]:.0f}" for n in names) + " |" for op in ops]
+    return "\n".join(lines)
+
+
 def full_size_prune_flops() -> list[str]:
     """Cost-model FLOPs ratio of "prune 50%" on the whole published architectures at their real
     latent (81 frames 480p, 512 text tokens), captured on the meta device (no weights, so the
@@ -208,7 +248,16 @@ def main():
     parser.add_argument("--full-size-flops", action="store_true",
                         help="only print the cost model's prune FLOPs ratios on the whole "
                              "published architectures (meta device, no timing)")
+    parser.add_argument("--profile-onnxruntime", action="store_true",
+                        help="only print onnxruntime's kernel time per op type for the original and the "
+                             "all-on twins (where the overhead is)")
     args = parser.parse_args()
+    if args.profile_onnxruntime:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        for size in args.sizes:
+            print(profile_onnxruntime(size, args))
+        return
     if args.full_size_flops:
         print("\n".join(full_size_prune_flops()))
         return
