@@ -24,7 +24,7 @@ Row groups (--rows, default all), one builder each in ROW_BUILDERS:
 - combo ("graphopt dynamic", not in the default run): static compression under a skip, prune + a reuse
   schedule to each --reuse-targets fraction of the teacher's FLOPs, and drop one block + the MagCache
   pass, each before and after distilling the static model;
-- and each row of the --distill-rows groups (default drop, route) after --distill-steps of distillation
+- and each row of the --distill-rows groups (default drop) after --distill-steps of distillation
   (graphopt.distill: output + ICD losses, and the router budget loss for the routed row: a router over the
   teacher's own blocks trains it with the weights from the first step) on the generator's clips.
 
@@ -525,8 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--distill-steps", type=int, default=60, help="0: no distilled rows")
     parser.add_argument("--distill-lr", type=float, default=3e-4, help="the student's peak learning rate (cosine)")
-    parser.add_argument("--distill-rows", default="drop,route",
-                        help="row groups whose rows also get a distilled copy (prune,drop,route: the long mode)")
+    parser.add_argument("--distill-rows", default="drop",
+                        help="row groups whose rows also get a distilled copy (default drop, the static rows that "
+                             "recover; prune,drop,route: the long mode; the recovery curve follows route too)")
     parser.add_argument("--combo-static", type=float, default=0.85,
                         help="combo rows: FLOPs per step of the pruned model under the reuse schedule")
     parser.add_argument("--repeats", type=int, default=5, help="latency: interleaved repeats")
