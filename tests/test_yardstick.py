@@ -203,12 +203,15 @@ def _bench_quality():
     return sys.modules["bench_quality"]
 
 
-@pytest.mark.parametrize("option", ["--rows", "--distill-rows"])
-def test_bench_quality_rejects_unknown_row_group(capsys, option):
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "caches,nope"], "unknown row group(s) nope: choose from caches, prune, drop, route"),
+    (["--distill-rows", "drop,caches"], "--distill-rows caches: only prune, drop, route rows are distilled"),
+    (["--combo-static", "1"], "--combo-static in (0, 1)")])
+def test_bench_quality_rejects_bad_row_options(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        _bench_quality().main([option, "caches,nope"])
+        _bench_quality().main(argv)
     assert exit_info.value.code == 2
-    assert "unknown row group(s) nope: choose from caches, prune, drop, route" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

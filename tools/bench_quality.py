@@ -1,7 +1,7 @@
 """Quality per executed FLOP: the shipped tiny teacher, sped up by diffusers' own caches and compressed
 by graphopt, every row sampled from the same noise and scored with mini-VBench against the teacher.
 
-Row groups (--rows, default all), one builder each in ROW_BUILDERS:
+Row groups (--rows, default all but combo), one builder each in ROW_BUILDERS:
 
 - caches (family "diffusers cache"): diffusers' caches on the eager diffusers teacher, applied with
   its own API (`model.enable_cache(config)` … `disable_cache()`, graphopt.diffusers_caches):
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -92,7 +93,8 @@ METRICS = [("colour_accuracy", "colour", "{:.3f}"), ("shape_accuracy", "shape", 
 class Row:
     """One model to sample and score. `model` is what the sampler calls (a DiTGraph, a diffusers
     model, a CachedTransformer); `context`, if given, is entered around its sampling run (a cache's
-    enable/disable). `distill`: also score a distilled copy (model must be a DiTGraph). `timed`:
+    enable/disable). `distill`: it can be distilled (model must be a DiTGraph): a distilled copy is scored
+    when its group is in --distill-rows, and the recovery curve follows it. `timed`:
     one call's latency means something (False for a cache, whose calls differ in cost)."""
 
     name: str
@@ -135,6 +137,7 @@ class Testbed:
     def roles(self):
         return head_roles(self.teacher, inputs=self.calib)
 
+    @functools.cache
     def head_scores(self, criterion: str) -> dict:
         extra = {"inputs": self.calib} if criterion != "magnitude" else {}
         if criterion == "role-aware":
@@ -319,14 +322,15 @@ def combo_rows(bed: Testbed) -> list[Row]:
     targets = [float(x) for x in a.reuse_targets.split(",") if x]
     rows = []
     for suffix, p, d in versions:
-        rows += schedule_rows(bed, p, f"prune sensitivity @{t:g}{suffix} + reuse schedule", skip="reuse",
+        found = schedule_rows(bed, p, f"prune sensitivity @{t:g}{suffix} + reuse schedule", skip="reuse",
                               strategy="greedy", objective="mse", max_reuse=a.max_reuse, targets=targets)
         cached = d.copy()
         compress(cached, ["cache"], {"cache": {"method": "mag", "threshold": 0.4,
                                                 "num_inference_steps": a.steps, "mag_ratios": bed.mag_ratios}})
-        rows.append(Row(f"drop 1 block{suffix} + cache mag 0.4", "combo", "graphopt dynamic", cached, timed=False))
-    for row in rows:
-        row.group = "combo"
+        found.append(Row(f"drop 1 block{suffix} + cache mag 0.4", "combo", "", cached, timed=False))
+        for row in found:
+            row.group, row.family = "combo", "graphopt combination" + suffix
+        rows += found
     return rows
 
 
@@ -334,6 +338,7 @@ ROW_BUILDERS: dict[str, Callable[[Testbed], list[Row]]] = {
     "caches": cache_rows, "prune": prune_rows, "drop": drop_rows, "route": route_rows,
     "reuse": reuse_rows, "combo": combo_rows}
 DEFAULT_ROWS = ["caches", "prune", "drop", "route", "reuse"]
+DISTILLABLE = {"prune", "drop", "route"}          # the groups whose rows carry `distill`
 
 
 def distilled_rows(bed: Testbed, rows: list[Row], steps: int, groups: list[str]) -> list[Row]:
@@ -483,7 +488,7 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
                 "attn2), so no hook is installed. The two other TaylorSeer rows name the modules: attn1, attn2 "
                 "and ffn of every block, refreshed every 2nd step after 3 warm-up steps; lite mode (block outputs "
                 "skipped, proj_out predicted)."]
-    searches = getattr(bed, "reuse_search", {})
+    searches = bed.reuse_search
     if "reuse schedule" in searches:
         search = searches["reuse schedule"]
         out += ["", f"reuse schedule search (route skip=reuse; 4 calibration conditions, pooled MSE, temporal weight "
@@ -497,6 +502,9 @@ def notes(bed: Testbed, groups: list[str], results: list[dict], command: str, wa
                     f"along its last change; 4 calibration conditions, mean per-clip dB, max reuse in a row "
                     f"{search['max_reuse']}): {search['model_calls']} model calls; every whole-step timetable with "
                     "the most skipped steps above each target, the best refined block by block over its steps."]
+    for label, search in searches.items():
+        if label not in ("reuse schedule", "forecast timetable"):
+            out += ["", f"{label} search: {search['model_calls']} model calls (lazy greedy, pooled MSE)."]
     if "prune" in groups:
         counts = bed.roles.counts()
         out += ["", f"head roles of the teacher on calibration clips: {counts['spatial']} spatial, "
@@ -552,9 +560,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write every row (name, flops, metrics, aggregate) here")
     args = parser.parse_args(argv)
     groups = [g for g in args.rows.split(",") if g]
-    unknown = [g for g in groups + args.distill_rows.split(",") if g and g not in ROW_BUILDERS]
+    unknown = [g for g in groups if g not in ROW_BUILDERS]
     if unknown:
         parser.error(f"unknown row group(s) {', '.join(unknown)}: choose from {', '.join(ROW_BUILDERS)}")
+    distillable = [g for g in ROW_BUILDERS if g in DISTILLABLE]
+    wrong = [g for g in args.distill_rows.split(",") if g and g not in DISTILLABLE]
+    if wrong:
+        parser.error(f"--distill-rows {', '.join(wrong)}: only {', '.join(distillable)} rows are distilled "
+                     "(combo follows --distill-steps; \"\" distils none)")
+    if args.distill_lr <= 0 or not 0 < args.combo_static < 1:
+        parser.error("--distill-lr must be > 0 and --combo-static in (0, 1)")
     if any(int(k) < 0 for k in args.recovery.split(",") if k):
         parser.error("--recovery steps must be ≥ 0")
     if args.clips < 1 or args.steps < 1:

@@ -156,7 +156,8 @@ def measure(size: str, args) -> list[dict]:
 
 def profile_onnxruntime(size: str, args) -> str:
     """Kernel time per op type (onnxruntime's profiler, two whole runs of `args.steps` calls each) of the
-    original and of every "all on" twin: where an overhead sits, op type by op type."""
+    original and of every "all on" twin: where an overhead sits, op type by op type. An `If` row holds its
+    branches' kernels too, so the rows overlap; "(model run)" is the whole call."""
     import collections
 
     import onnxruntime as ort
@@ -187,8 +188,8 @@ def profile_onnxruntime(size: str, args) -> str:
             per_op["(model run)"] = sum(e["dur"] for e in events
                                         if e.get("cat") == "Session" and e["name"] == "model_run") / 1e3
             kernels[name] = per_op
-    ops = sorted(kernels["original"] | kernels[names[-1]], key=lambda o: -max(k[o] for k in kernels.values()))[:12]
-    lines = ["| op type (ms, 2 runs) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    ops = sorted(set().union(*kernels.values()), key=lambda o: -max(k[o] for k in kernels.values()))[:12]
+    lines = [f"| op type ({size}, ms, 2 runs) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {op} | " + " | ".join(f"{kernels[n][op]:.0f}" for n in names) + " |" for op in ops]
     return "\n".join(lines)
 
@@ -252,6 +253,9 @@ def main():
                         help="only print onnxruntime's kernel time per op type for the original and the "
                              "all-on twins (where the overhead is)")
     args = parser.parse_args()
+    if args.blocks < 2 or args.steps < 2 or args.repeats < 1:
+        parser.error("--blocks and --steps must be >= 2 (routing and caching need them), "
+                     "--repeats >= 1")
     if args.profile_onnxruntime:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
@@ -261,9 +265,6 @@ def main():
     if args.full_size_flops:
         print("\n".join(full_size_prune_flops()))
         return
-    if args.blocks < 2 or args.steps < 2 or args.repeats < 1:
-        parser.error("--blocks and --steps must be >= 2 (routing and caching need them), "
-                     "--repeats >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
