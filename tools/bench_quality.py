@@ -39,7 +39,7 @@ then mini-VBench (graphopt.eval) on --clips held-out conditions, fidelity column
 Writes <out>/bench_quality.md (table, command, notes), <out>/bench_quality.png (clip 0 of every
 row), <out>/pareto.png (aggregate and PSNR against executed FLOPs) and, with --json, every row.
 
-    python tools/bench_quality.py --out out/bench_quality      # default: ~27 min of 1 core (README: the default run)
+    python tools/bench_quality.py --out out/bench_quality      # default: 22.9 min wall at 1 thread
     python tools/bench_quality.py --rows caches,prune,drop,route,reuse,combo --distill-rows prune,drop,route  # long
     python tools/bench_quality.py --rows caches --clips 16 --json out/bq.json
     python tools/bench_quality.py --rows drop,route --clips 4 --distill-steps 0 --targets 0.5
